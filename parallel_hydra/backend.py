@@ -1,0 +1,365 @@
+"""The backend abstraction, its registry, and the module-level helpers of the API.
+
+A backend owns one engine session: a local runtime it started, or a connection to a
+cluster. It hands out executors (see :mod:`parallel_hydra.executor`) and an object store
+(``put``/``get``/``wrap``/``wait``). Engines live in :mod:`parallel_hydra.backends`, one
+module each, imported only when their backend is first used.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+from abc import ABC, abstractmethod
+from contextlib import contextmanager
+from typing import Any, Callable, ClassVar, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
+
+from .config import ParallelConfig, plain
+from .executor import ParallelExecutor, TaskRunner
+from .policy import CancellationPolicy, PolicyLike, as_policy
+
+__all__ = [
+    "BaseParallelBackend",
+    "init_parallel_backend",
+    "available_cpus",
+    "effective_n_jobs",
+    "init_executor",
+    "ConfigLike",
+]
+
+logger = logging.getLogger(__name__)
+
+ConfigLike = Union[ParallelConfig, Mapping[str, Any]]
+B = TypeVar("B", bound="BaseParallelBackend")
+
+#: Backends that ship with the package, by name, as "module:Class" so that naming one
+#: does not import any engine.
+_BUILTIN_BACKENDS: Dict[str, str] = {
+    "joblib": "parallel_hydra.backends.joblib:JoblibParallelBackend",
+    "ray": "parallel_hydra.backends.ray:RayParallelBackend",
+    "dask": "parallel_hydra.backends.dask:DaskParallelBackend",
+}
+
+#: Keys a Hydra node carries that are not configuration fields.
+_HYDRA_KEYS = ("_target_", "_convert_", "_recursive_", "_partial_", "_args_")
+
+
+def available_cpus() -> int:
+    """Count the CPU cores this process may use, at least 1.
+
+    Unlike ``os.cpu_count()``, this respects CPU affinity (``taskset``), cgroup CPU
+    quotas (containers) and ``LOKY_MAX_CPU_COUNT``; loky, which joblib ships, does the
+    counting.
+
+    Examples
+    --------
+    >>> available_cpus() >= 1
+    True
+    """
+    from joblib.externals.loky import cpu_count
+
+    return max(1, int(cpu_count(only_physical_cores=False)))
+
+
+class BaseParallelBackend(ABC):
+    """One engine session: executors, an object store, and a CPU count.
+
+    Build one with :func:`init_parallel_backend`, with Hydra's ``instantiate``, or
+    directly (``JoblibParallelBackend(n_cpus=2)``). Use it as a context manager, or call
+    :meth:`shutdown`: a backend stops what it started (a local Ray runtime, a Dask
+    ``LocalCluster``, worker processes) and leaves running what it only connected to.
+
+    Subclasses register under a name with ``class MyBackend(BaseParallelBackend,
+    name="mine")`` and set ``config_class``.
+    """
+
+    #: The name the registry knows this backend by, the value of ``config.backend``.
+    name: ClassVar[str] = ""
+    #: The dataclass of this backend's configuration.
+    config_class: ClassVar[Type[ParallelConfig]] = ParallelConfig
+    _registry: ClassVar[Dict[str, Type["BaseParallelBackend"]]] = {}
+
+    def __init_subclass__(cls, name: Optional[str] = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if name is not None:
+            cls.name = name
+            BaseParallelBackend._registry[name] = cls
+
+    def __init__(self, config: Optional[ConfigLike] = None, **fields: Any) -> None:
+        self.config = self._make_config(config, fields)
+        self._shut_down = False
+        self._start()
+
+    @classmethod
+    def _make_config(cls, config: Optional[ConfigLike], fields: Mapping[str, Any]) -> ParallelConfig:
+        """Build this backend's config from a config object, a mapping and/or fields."""
+        values: Dict[str, Any] = {}
+        if isinstance(config, ParallelConfig):
+            values.update({k: getattr(config, k) for k in config.__dataclass_fields__})
+        elif config is not None:
+            values.update(plain(config))
+        values.update(plain(dict(fields)))
+        for key in _HYDRA_KEYS:
+            values.pop(key, None)
+        backend = values.setdefault("backend", cls.name)
+        if backend != cls.name:
+            raise ValueError(
+                f"parallel config: backend is {backend!r}, but this is the {cls.name!r} backend "
+                f"({cls.__name__}); change backend or pick the matching config group option"
+            )
+        known = set(cls.config_class.__dataclass_fields__)
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"parallel config: unknown key {unknown[0]!r} for the {cls.name} backend; "
+                f"known keys: {', '.join(sorted(known))}"
+            )
+        return cls.config_class(**values)
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    @abstractmethod
+    def _start(self) -> None:
+        """Start or connect to the engine, as ``self.config`` says."""
+
+    @abstractmethod
+    def _stop(self) -> None:
+        """Stop what ``_start`` started; only disconnect from what it joined."""
+
+    def shutdown(self) -> None:
+        """Release the engine: stop what this backend started, leave the rest running.
+
+        Calling it again does nothing.
+        """
+        if self._shut_down:
+            return
+        self._shut_down = True
+        self._stop()
+
+    @property
+    def is_shut_down(self) -> bool:
+        """Whether :meth:`shutdown` was called."""
+        return self._shut_down
+
+    def _check_open(self) -> None:
+        if self._shut_down:
+            raise RuntimeError(f"the {self.name} backend was shut down")
+
+    def __enter__(self: B) -> B:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.shutdown()
+
+    def __repr__(self) -> str:
+        state = "shut down" if self._shut_down else "open"
+        return f"{type(self).__name__}(n_cpus={self.config.n_cpus}, address={self.config.address!r}, {state})"
+
+    # -- executors ----------------------------------------------------------------
+
+    def executor(
+        self,
+        max_workers: Optional[int] = None,
+        *,
+        config: Optional[ParallelConfig] = None,
+        cancel_futures: Optional[PolicyLike] = None,
+    ) -> ParallelExecutor:
+        """A ``concurrent.futures.Executor`` running tasks on this backend's engine.
+
+        Parameters
+        ----------
+        max_workers
+            At most this many tasks run at once; ``None`` means every CPU the backend
+            has. Capped like :meth:`effective_n_jobs`.
+        config
+            Accepted for compatibility with the classmethod form of the API; only its
+            ``cancel_futures`` is used, when ``cancel_futures`` is not given.
+        cancel_futures
+            What leaving the executor's ``with`` block cancels; defaults to the config's.
+
+        Examples
+        --------
+        >>> from parallel_hydra import init_parallel_backend
+        >>> with init_parallel_backend() as backend:
+        ...     with backend.executor(max_workers=2) as executor:
+        ...         list(executor.map(abs, [-1, -2, 3]))
+        [1, 2, 3]
+        """
+        self._check_open()
+        n = self.effective_n_jobs(-1 if max_workers is None else max_workers)
+        if cancel_futures is None:
+            cancel_futures = (config or self.config).cancel_futures
+        policy = as_policy(cancel_futures)
+        return ParallelExecutor(self._task_runner(n), n, policy, self.config.wait_timeout)
+
+    @abstractmethod
+    def _task_runner(self, max_workers: int) -> TaskRunner:
+        """The engine's side of one new executor."""
+
+    # -- CPU counts ---------------------------------------------------------------
+
+    def effective_n_jobs(self, n_jobs: int) -> int:
+        """How many tasks this backend can run at once, for a request of ``n_jobs``.
+
+        ``-1`` means all of them, ``-2`` all but one (as in joblib); a larger request
+        is capped at what the engine has and at ``n_cpus``. ``0`` is an error.
+        """
+        if isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs == 0:
+            raise ValueError(f"n_jobs must be a non-zero integer (-1 for all CPUs); got {n_jobs!r}")
+        self._check_open()
+        available = self._capped(self._count_slots(), self.config)
+        if n_jobs < 0:
+            return max(1, available + 1 + n_jobs)
+        return max(1, min(n_jobs, available))
+
+    @abstractmethod
+    def _count_slots(self) -> int:
+        """How many tasks the engine could run at once right now."""
+
+    @classmethod
+    def _count_slots_unstarted(cls, config: ParallelConfig) -> Optional[int]:
+        """The slot count for ``config`` without starting an engine, if it can be known."""
+        return None
+
+    @staticmethod
+    def _capped(slots: int, config: ParallelConfig) -> int:
+        if config.n_cpus is not None:
+            slots = min(slots, config.n_cpus)
+        return slots
+
+    # -- object store -------------------------------------------------------------
+
+    @abstractmethod
+    def put(self, obj: Any) -> Any:
+        """Store ``obj`` where tasks can reach it; return a handle.
+
+        A handle given as an argument to ``executor.submit`` (or to a wrapped function)
+        reaches the task as the object itself, so large data is sent once.
+        """
+
+    @abstractmethod
+    def get(self, handles: Any, *, timeout: Optional[float] = None) -> Any:
+        """The value behind a handle, or a list of values for a list of handles."""
+
+    @abstractmethod
+    def wrap(self, fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
+        """``wrap(fn)(*args)`` starts ``fn(*args)`` on the engine and returns a handle.
+
+        ``options`` are per-task engine options, as for ``executor.with_options``.
+        """
+
+    @abstractmethod
+    def wait(
+        self, handles: Sequence[Any], *, num_returns: int = 1, timeout: Optional[float] = None
+    ) -> Tuple[List[Any], List[Any]]:
+        """Wait until ``num_returns`` of ``handles`` are ready, or ``timeout`` passes.
+
+        Returns ``(done, not_done)``, each in the order of ``handles``.
+        """
+
+    @staticmethod
+    def _check_num_returns(handles: Sequence[Any], num_returns: int) -> None:
+        if isinstance(num_returns, bool) or not isinstance(num_returns, int) or not 1 <= num_returns <= max(1, len(handles)):
+            raise ValueError(f"num_returns must be between 1 and the number of handles ({len(handles)}); got {num_returns!r}")
+
+
+def _backend_class(name: str) -> Type[BaseParallelBackend]:
+    """The backend class registered as ``name``, importing its module if needed."""
+    if name not in BaseParallelBackend._registry and name in _BUILTIN_BACKENDS:
+        module, _, _attr = _BUILTIN_BACKENDS[name].partition(":")
+        importlib.import_module(module)
+    try:
+        return BaseParallelBackend._registry[name]
+    except KeyError:
+        known = sorted(set(_BUILTIN_BACKENDS) | set(BaseParallelBackend._registry))
+        raise ValueError(f"parallel config: unknown backend {name!r}; known backends: {', '.join(known)}") from None
+
+
+def _config_backend_name(config: Optional[ConfigLike]) -> str:
+    if config is None:
+        return "joblib"
+    if isinstance(config, ParallelConfig):
+        return config.backend
+    if isinstance(config, BaseParallelBackend):
+        return config.name
+    name = plain(config).get("backend", "joblib")
+    if not isinstance(name, str):
+        raise ValueError(f"parallel config: backend must be a backend name; got {name!r}")
+    return name
+
+
+def init_parallel_backend(config: Optional[ConfigLike] = None) -> BaseParallelBackend:
+    """Start (or connect to) the backend that ``config`` names, and return it.
+
+    ``config`` may be a :class:`ParallelConfig` or an engine's own config class, a
+    mapping, or a Hydra ``DictConfig`` (``_target_`` and such keys are ignored). The
+    default is a local joblib backend. The caller owns the result: shut it down, or use
+    it in a ``with`` block.
+
+    Examples
+    --------
+    >>> with init_parallel_backend(ParallelConfig(n_cpus=1)) as backend:
+    ...     backend.effective_n_jobs(-1)
+    1
+    """
+    return _backend_class(_config_backend_name(config))(config)
+
+
+def effective_n_jobs(n_jobs: int, config: Optional[ConfigLike] = None) -> int:
+    """How many jobs ``config``'s backend can run at once for a request of ``n_jobs``.
+
+    Starts no engine when the answer is known without one (joblib always; Ray and Dask
+    when no cluster address is given). Otherwise it connects, counts and disconnects.
+
+    Raises
+    ------
+    ValueError
+        If ``n_jobs`` is 0.
+    RuntimeError
+        If the backend reports fewer than one job.
+
+    Examples
+    --------
+    >>> effective_n_jobs(1)
+    1
+    >>> effective_n_jobs(64, ParallelConfig(n_cpus=2))
+    2
+    """
+    if isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs == 0:
+        raise ValueError(f"n_jobs must be a non-zero integer (-1 for all CPUs); got {n_jobs!r}")
+    if isinstance(config, BaseParallelBackend):
+        result = config.effective_n_jobs(n_jobs)
+    else:
+        cls = _backend_class(_config_backend_name(config))
+        parsed = cls._make_config(config, {})
+        slots = cls._count_slots_unstarted(parsed)
+        if slots is None:
+            with cls(parsed) as backend:
+                result = backend.effective_n_jobs(n_jobs)
+        else:
+            available = cls._capped(slots, parsed)
+            result = available + 1 + n_jobs if n_jobs < 0 else min(n_jobs, available)
+    if result < 1:
+        raise RuntimeError(f"the backend reports {result} effective jobs for n_jobs={n_jobs}; it needs at least 1")
+    return result
+
+
+@contextmanager
+def init_executor(
+    max_workers: Optional[int] = None, config: Optional[ConfigLike] = None, **kwargs: Any
+) -> Iterator[ParallelExecutor]:
+    """Start ``config``'s backend and yield one of its executors.
+
+    On exit the executor shuts down with its policy, then the backend shuts down.
+    ``kwargs`` go to :meth:`BaseParallelBackend.executor` (``cancel_futures``).
+
+    Examples
+    --------
+    >>> with init_executor(max_workers=1) as executor:
+    ...     executor.submit(pow, 2, 10).result()
+    1024
+    """
+    with init_parallel_backend(config) as backend:
+        with backend.executor(max_workers, **kwargs) as executor:
+            yield executor

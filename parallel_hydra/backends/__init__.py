@@ -1,0 +1,1 @@
+"""One module per engine. None of them is imported by ``import parallel_hydra``."""

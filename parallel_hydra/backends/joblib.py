@@ -1,0 +1,205 @@
+"""The joblib backend: loky worker processes on this machine, the local default.
+
+Each executor gets a loky process pool of exactly ``max_workers`` processes, so loky
+itself enforces the concurrency bound and the shared executor may hand it work ahead.
+Stopping running tasks kills that pool's workers (loky's ``kill_workers``) and the next
+task gets a fresh pool. The pool is shut down with the executor: no worker outlives it.
+
+The object store keeps objects in this process. A handle is a settled or running
+``concurrent.futures.Future`` under the hood; as an argument to ``submit`` it is replaced
+by its value before the task is pickled, which is what Ray and Dask do with theirs.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import wait as futures_wait
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from joblib.externals.loky.process_executor import ProcessPoolExecutor
+
+from ..backend import BaseParallelBackend, available_cpus
+from ..config import JoblibConfig, ParallelConfig
+from ..executor import DoneCallback, TaskRunner
+
+__all__ = ["JoblibParallelBackend", "LocalHandle"]
+
+logger = logging.getLogger(__name__)
+
+
+class LocalHandle:
+    """A handle of the joblib backend's in-process object store."""
+
+    __slots__ = ("_future",)
+
+    def __init__(self, future: Future) -> None:
+        self._future = future
+
+    @classmethod
+    def of(cls, obj: Any) -> "LocalHandle":
+        future: Future = Future()
+        future.set_result(obj)
+        return cls(future)
+
+    def done(self) -> bool:
+        """Whether the value is ready."""
+        return self._future.done()
+
+    def value(self, timeout: Optional[float] = None) -> Any:
+        """The object, waiting for it if a wrapped call is still computing it."""
+        return self._future.result(timeout)
+
+    def __repr__(self) -> str:
+        return f"LocalHandle({'ready' if self.done() else 'pending'})"
+
+
+def _resolve(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
+    """Replace handles among a task's arguments by their values."""
+    if any(isinstance(a, LocalHandle) for a in args):
+        args = tuple(a.value() if isinstance(a, LocalHandle) else a for a in args)
+    if any(isinstance(v, LocalHandle) for v in kwargs.values()):
+        kwargs = {k: v.value() if isinstance(v, LocalHandle) else v for k, v in kwargs.items()}
+    return args, kwargs
+
+
+def _relay(on_done: DoneCallback) -> Callable[[Future], None]:
+    def relay(future: Future) -> None:
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is None:
+            on_done(True, future.result())
+        else:
+            on_done(False, exc)
+
+    return relay
+
+
+class _LokyRunner(TaskRunner):
+    """Runs one executor's tasks on a private loky pool of ``max_workers`` processes."""
+
+    def __init__(self, max_workers: int, idle_timeout: float) -> None:
+        self._max_workers = max_workers
+        self._idle_timeout = idle_timeout
+        self._lock = threading.Lock()
+        self._pool: Optional[ProcessPoolExecutor] = None
+
+    def _current_pool(self) -> ProcessPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ProcessPoolExecutor(self._max_workers, timeout=self._idle_timeout)
+            return self._pool
+
+    def enforces_bound(self, max_workers: int) -> bool:
+        return True  # the pool has exactly max_workers processes
+
+    def prepare(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
+        return _resolve(args, kwargs)
+
+    def start(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any], options: Mapping[str, Any], on_done: DoneCallback) -> Any:
+        future = self._current_pool().submit(fn, *args, **kwargs)
+        future.add_done_callback(_relay(on_done))
+        return future
+
+    def stop(self, tokens: List[Any]) -> None:
+        # loky cannot interrupt one task, but it can kill its workers: the pool goes,
+        # and the next start() builds a new one.
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            for token in tokens:
+                token.cancel()
+            pool.shutdown(wait=True, kill_workers=True)
+
+    def close(self) -> None:
+        with self._lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+
+class JoblibParallelBackend(BaseParallelBackend, name="joblib"):
+    """Runs tasks in loky worker processes on this machine; nothing to set up.
+
+    Examples
+    --------
+    >>> with JoblibParallelBackend(n_cpus=2) as backend:
+    ...     handle = backend.put([1, 2, 3])
+    ...     backend.get(backend.wrap(sum)(handle))
+    6
+    """
+
+    config_class = JoblibConfig
+    config: JoblibConfig
+
+    def _start(self) -> None:
+        self._pool_lock = threading.Lock()
+        self._wrap_pool: Optional[ProcessPoolExecutor] = None
+
+    def _stop(self) -> None:
+        with self._pool_lock:
+            pool, self._wrap_pool = self._wrap_pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
+
+    @classmethod
+    def _count_slots_unstarted(cls, config: ParallelConfig) -> Optional[int]:
+        return available_cpus()
+
+    def _count_slots(self) -> int:
+        return available_cpus()
+
+    def _task_runner(self, max_workers: int) -> TaskRunner:
+        return _LokyRunner(max_workers, self.config.idle_worker_timeout)
+
+    # -- object store -------------------------------------------------------------
+
+    def put(self, obj: Any) -> LocalHandle:
+        self._check_open()
+        return LocalHandle.of(obj)
+
+    def get(self, handles: Any, *, timeout: Optional[float] = None) -> Any:
+        end = None if timeout is None else time.monotonic() + timeout
+
+        def one(handle: Any) -> Any:
+            if not isinstance(handle, LocalHandle):
+                raise TypeError(f"get takes handles from put or wrap; got {type(handle).__name__}")
+            return handle.value(None if end is None else max(0.0, end - time.monotonic()))
+
+        if isinstance(handles, (list, tuple)):
+            return [one(h) for h in handles]
+        return one(handles)
+
+    def wrap(self, fn: Callable[..., Any], **options: Any) -> Callable[..., LocalHandle]:
+        if options:
+            raise ValueError(f"the joblib backend takes no per-task options; got {sorted(options)}")
+
+        def remote(*args: Any, **kwargs: Any) -> LocalHandle:
+            self._check_open()
+            args, kwargs = _resolve(args, kwargs)
+            with self._pool_lock:
+                if self._wrap_pool is None:
+                    n = self.effective_n_jobs(-1)
+                    self._wrap_pool = ProcessPoolExecutor(n, timeout=self.config.idle_worker_timeout)
+                pool = self._wrap_pool
+            return LocalHandle(pool.submit(fn, *args, **kwargs))
+
+        remote.__name__ = getattr(fn, "__name__", "remote")
+        remote.__doc__ = getattr(fn, "__doc__", None)
+        return remote
+
+    def wait(self, handles: Sequence[Any], *, num_returns: int = 1, timeout: Optional[float] = None) -> Tuple[List[Any], List[Any]]:
+        handles = list(handles)
+        self._check_num_returns(handles, num_returns)
+        end = None if timeout is None else time.monotonic() + timeout
+        while sum(h.done() for h in handles) < num_returns:
+            remaining = None if end is None else end - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                break
+            pending = [h._future for h in handles if not h.done()]
+            futures_wait(pending, timeout=remaining, return_when=FIRST_COMPLETED)
+        done = [h for h in handles if h.done()]
+        return done, [h for h in handles if not h.done()]

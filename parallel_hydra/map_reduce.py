@@ -1,0 +1,149 @@
+"""``MapReduceJob``: split the inputs, map over the chunks in parallel, reduce."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any, Callable, Dict, Generic, List, Optional, TypeVar, Union
+
+from .backend import BaseParallelBackend, ConfigLike, init_parallel_backend
+
+__all__ = ["MapReduceJob", "identity"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def identity(x: Any, *args: Any, **kwargs: Any) -> Any:
+    """The default reduce function: return the list of map results unchanged."""
+    return x
+
+
+def _accepts(fn: Callable[..., Any], name: str) -> bool:
+    """Whether ``fn`` can be called with the keyword argument ``name``."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
+def _is_splittable(inputs: Any) -> bool:
+    if isinstance(inputs, (str, bytes, bytearray)):
+        return False
+    if isinstance(inputs, Sequence):
+        return True
+    return type(inputs).__name__ == "ndarray" and getattr(inputs, "ndim", 0) > 0
+
+
+def _split(inputs: Any, n_chunks: int) -> List[Any]:
+    """Cut a sequence into ``n_chunks`` contiguous chunks whose sizes differ by at most 1."""
+    size, extra = divmod(len(inputs), n_chunks)
+    chunks, start = [], 0
+    for i in range(n_chunks):
+        stop = start + size + (1 if i < extra else 0)
+        chunks.append(inputs[start:stop])
+        start = stop
+    return chunks
+
+
+def _call_map(map_func: Callable[..., Any], chunk: Any, kwargs: Dict[str, Any]) -> Any:
+    return map_func(chunk, **kwargs)
+
+
+class MapReduceJob(Generic[T, R]):
+    """Run ``map_func`` over chunks of ``inputs`` in parallel, then ``reduce_func``.
+
+    A sequence (or numpy array) is cut into ``n_jobs`` contiguous chunks of near-equal
+    size (fewer when there are fewer items); any other input is given whole to each of
+    the ``n_jobs`` jobs, which suits Monte-Carlo work where each job draws its own samples.
+
+    Calling the job with ``seed=`` gives each job its own child of a
+    ``numpy.random.SeedSequence``: runs with one seed give the same result, runs with
+    different seeds differ. The seed, and the job's index as ``job_id``, are passed only to
+    a ``map_func`` that accepts them.
+
+    Parameters
+    ----------
+    inputs
+        What to split (a sequence) or repeat (anything else).
+    map_func
+        Called as ``map_func(chunk, **map_kwargs)`` on a worker.
+    reduce_func
+        Called as ``reduce_func(results, **reduce_kwargs)`` here, with the list of map
+        results in the order of the chunks.
+    config
+        The backend's config (a backend is started for each call and shut down after),
+        or a running backend to use as is.
+    n_jobs
+        How many jobs to run; ``-1`` is one per available CPU.
+    timeout
+        Seconds to wait for all results before ``TimeoutError``.
+
+    Examples
+    --------
+    >>> from parallel_hydra import ParallelConfig
+    >>> job = MapReduceJob(list(range(10)), map_func=sum, reduce_func=sum,
+    ...                    config=ParallelConfig(n_cpus=2), n_jobs=2)
+    >>> job()
+    45
+    """
+
+    def __init__(
+        self,
+        inputs: Union[Sequence[T], Any],
+        map_func: Callable[..., Any],
+        reduce_func: Callable[..., R] = identity,
+        map_kwargs: Optional[Dict[str, Any]] = None,
+        reduce_kwargs: Optional[Dict[str, Any]] = None,
+        config: Optional[Union[ConfigLike, BaseParallelBackend]] = None,
+        *,
+        n_jobs: int = -1,
+        timeout: Optional[float] = None,
+    ) -> None:
+        if isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs == 0:
+            raise ValueError(f"n_jobs must be a non-zero integer (-1 for all CPUs); got {n_jobs!r}")
+        if timeout is not None and timeout <= 0:
+            raise ValueError(f"timeout must be a positive number of seconds or None; got {timeout!r}")
+        self.inputs = inputs
+        self.map_func = map_func
+        self.reduce_func = reduce_func
+        self.map_kwargs = dict(map_kwargs or {})
+        self.reduce_kwargs = dict(reduce_kwargs or {})
+        self.config = config
+        self.n_jobs = n_jobs
+        self.timeout = timeout
+
+    def __call__(self, seed: Optional[Union[int, Any]] = None) -> R:
+        """Run the job; ``seed`` (an int or a ``SeedSequence``) makes it reproducible."""
+        if isinstance(self.config, BaseParallelBackend):
+            return self._run(self.config, seed)
+        with init_parallel_backend(self.config) as backend:
+            return self._run(backend, seed)
+
+    def _run(self, backend: BaseParallelBackend, seed: Optional[Union[int, Any]]) -> R:
+        n_jobs = backend.effective_n_jobs(self.n_jobs)
+        if _is_splittable(self.inputs):
+            n_chunks = max(1, min(n_jobs, len(self.inputs)))
+            chunks = _split(self.inputs, n_chunks)
+        else:
+            chunks = [self.inputs] * n_jobs
+        seeds: List[Any] = [None] * len(chunks)
+        if seed is not None:
+            from numpy.random import SeedSequence
+
+            root = seed if isinstance(seed, SeedSequence) else SeedSequence(seed)
+            seeds = root.spawn(len(chunks))
+        pass_seed = seed is not None and _accepts(self.map_func, "seed")
+        pass_job_id = _accepts(self.map_func, "job_id")
+        with backend.executor(max_workers=n_jobs) as executor:
+            futures = []
+            for job_id, chunk in enumerate(chunks):
+                kwargs = dict(self.map_kwargs)
+                if pass_seed:
+                    kwargs["seed"] = seeds[job_id]
+                if pass_job_id:
+                    kwargs["job_id"] = job_id
+                futures.append(executor.submit(_call_map, self.map_func, chunk, kwargs))
+            results = [f.result(timeout=self.timeout) for f in futures]
+        return self.reduce_func(results, **self.reduce_kwargs)
