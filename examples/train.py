@@ -14,6 +14,7 @@ is reproducible) and report the percentile interval of the score.
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from typing import Any, Dict, List, Tuple
 
@@ -102,5 +103,17 @@ def main(cfg: DictConfig) -> Dict[str, float]:
     return {"cv_r2": cv, "low": float(low), "high": float(high)}
 
 
+def flags_first(argv: List[str]) -> List[str]:
+    """Move ``-m``/``--multirun`` before the overrides.
+
+    Hydra's argument parser stops collecting overrides at the first flag, so
+    ``train.py parallel.n_cpus=1 -m parallel=joblib,ray`` would be refused; users write
+    it that way, so the example accepts it.
+    """
+    flags = [a for a in argv[1:] if a in ("-m", "--multirun")]
+    return argv[:1] + flags + [a for a in argv[1:] if a not in flags]
+
+
 if __name__ == "__main__":
+    sys.argv = flags_first(sys.argv)
     main()

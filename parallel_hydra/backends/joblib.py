@@ -19,6 +19,7 @@ from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as futures_wait
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from joblib.externals.loky.backend.utils import kill_process_tree
 from joblib.externals.loky.process_executor import ProcessPoolExecutor
 
 from ..backend import BaseParallelBackend, available_cpus
@@ -105,14 +106,16 @@ class _LokyRunner(TaskRunner):
         return future
 
     def stop(self, tokens: List[Any]) -> None:
-        # loky cannot interrupt one task, but it can kill its workers: the pool goes,
-        # and the next start() builds a new one.
+        # loky cannot interrupt one task, but its workers can be killed: the pool goes,
+        # and the next start() builds a new one. We kill the processes ourselves and let
+        # loky notice its broken pool, the path its own crash handling takes; loky's
+        # shutdown(kill_workers=True) raced with its queue-feeding thread here.
         with self._lock:
             pool, self._pool = self._pool, None
         if pool is not None:
-            for token in tokens:
-                token.cancel()
-            pool.shutdown(wait=True, kill_workers=True)
+            for process in list(getattr(pool, "_processes", {}).values()):
+                kill_process_tree(process)  # the worker and anything the task started
+            pool.shutdown(wait=True)
 
     def close(self) -> None:
         with self._lock:

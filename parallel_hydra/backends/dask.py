@@ -1,0 +1,484 @@
+"""The Dask backend: a ``LocalCluster`` it starts, or a Dask scheduler it connects to.
+
+Without ``address`` the backend starts a ``distributed.LocalCluster`` on 127.0.0.1
+(worker processes by default, so CPU-bound Python scales) and a ``Client`` on it, and
+closes both at shutdown. With ``address`` it only connects a ``Client``; shutdown closes
+that client and leaves the scheduler and its workers running.
+
+Every task is submitted with ``pure=False``: Dask's own ``Client.get_executor()``
+submits with ``pure=True``, under which ten calls of ``random.random`` share one key and
+return one value. Completions arrive through ``Future.add_done_callback``; nothing polls.
+
+``distributed`` is imported when this module is, and this module only when the Dask
+backend is first used.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from ..backend import BaseParallelBackend, available_cpus
+from ..config import DaskConfig, DaskTaskOptions, ParallelConfig
+from ..executor import DoneCallback, TaskRunner
+
+__all__ = ["DaskParallelBackend"]
+
+logger = logging.getLogger(__name__)
+
+#: Keys that ``executor.with_options``, ``wrap`` and ``config.task`` accept.
+_OPTION_KEYS = ("resources", "retries", "priority")
+#: Keyword arguments that ``Client.submit`` keeps for itself; a task's own keyword
+#: arguments of these names are routed around it (see :func:`_apply`).
+_SUBMIT_KEYWORDS = frozenset(
+    {"key", "workers", "resources", "retries", "priority", "fifo_timeout", "allow_other_workers", "actor", "actors", "pure"}
+)
+#: Seconds ``stop`` waits for the nannies to bring killed workers back.
+_RESTART_TIMEOUT = 60.0
+
+
+def _import_engine() -> Any:
+    """Import ``distributed``, or explain how to install it."""
+    try:
+        import distributed
+    except ImportError as exc:  # pragma: no cover - the test environment has Dask
+        raise ImportError(
+            "the dask backend needs dask.distributed, which is not installed; "
+            "install it with: pip install 'parallel-hydra[dask]'"
+        ) from exc
+    return distributed
+
+
+distributed = _import_engine()
+
+
+def _apply(fn: Callable[..., Any], args: List[Any], kwargs: Dict[str, Any]) -> Any:
+    """Call ``fn(*args, **kwargs)`` on a worker.
+
+    Used only when a task's keyword arguments clash with ``Client.submit``'s own
+    (``key``, ``priority``...), which would otherwise be taken by Dask. Futures nested in
+    ``args`` and ``kwargs`` are still replaced by their values by Dask.
+    """
+    return fn(*args, **kwargs)
+
+
+def _submit(client: Any, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any], options: Mapping[str, Any]) -> Any:
+    """``client.submit`` with ``pure=False``, safe for any keyword names of ``fn``."""
+    if kwargs and not _SUBMIT_KEYWORDS.isdisjoint(kwargs):
+        return client.submit(_apply, fn, list(args), dict(kwargs), pure=False, **options)
+    return client.submit(fn, *args, pure=False, **options, **kwargs)
+
+
+def _merge_options(base: DaskTaskOptions, overrides: Mapping[str, Any]) -> Dict[str, Any]:
+    """Validate per-call options over the config's ``task`` options; return submit kwargs.
+
+    Raises ``ValueError`` naming an unknown key and the allowed ones, or a bad value.
+    """
+    unknown = sorted(set(overrides) - set(_OPTION_KEYS))
+    if unknown:
+        raise ValueError(
+            f"unknown Dask task option {unknown[0]!r}; allowed options: {', '.join(_OPTION_KEYS)}"
+        )
+    values = {key: getattr(base, key) for key in _OPTION_KEYS}
+    values.update(overrides)
+    checked = DaskTaskOptions(**values)  # validates, with messages naming the field
+    return {key: getattr(checked, key) for key in _OPTION_KEYS}
+
+
+def _local_layout(config: DaskConfig) -> Tuple[int, int]:
+    """``(n_workers, threads_per_worker)`` of the local cluster ``config`` describes.
+
+    ``n_cpus`` is the total of worker threads. With neither ``n_workers`` nor
+    ``threads_per_worker`` set, there is one single-threaded worker process per CPU (the
+    layout under which CPU-bound Python scales). Contradictory fields raise ``ValueError``.
+    """
+    n_workers, threads, n_cpus = config.n_workers, config.threads_per_worker, config.n_cpus
+    total = n_cpus if n_cpus is not None else available_cpus()
+    if n_workers is None and threads is None:
+        return total, 1
+    if n_workers is not None and threads is not None:
+        if n_cpus is not None and n_workers * threads != n_cpus:
+            raise ValueError(
+                f"parallel config: n_workers ({n_workers}) * threads_per_worker ({threads}) must equal "
+                f"n_cpus ({n_cpus}); set only two of n_cpus, n_workers, threads_per_worker"
+            )
+        return n_workers, threads
+    if n_workers is not None:
+        if n_cpus is not None and n_cpus % n_workers:
+            raise ValueError(
+                f"parallel config: n_cpus ({n_cpus}) must be a multiple of n_workers ({n_workers}) "
+                f"so that every worker gets the same threads_per_worker; or set threads_per_worker"
+            )
+        return n_workers, max(1, total // n_workers)
+    assert threads is not None
+    if n_cpus is not None and n_cpus % threads:
+        raise ValueError(
+            f"parallel config: n_cpus ({n_cpus}) must be a multiple of threads_per_worker ({threads}); "
+            f"or set n_workers"
+        )
+    return max(1, total // threads), threads
+
+
+def _relay(on_done: DoneCallback) -> Callable[[Any], None]:
+    """A Dask done-callback that reports the outcome to the executor, exactly once."""
+
+    def relay(future: Any) -> None:
+        try:
+            status = future.status
+            if status == "finished":
+                outcome: Tuple[bool, Any] = (True, future.result())
+            elif status == "error":
+                outcome = (False, future.exception())  # the task's own exception type
+            else:  # cancelled (by us: ignored by the executor) or lost
+                outcome = (False, distributed.client.FutureCancelledError(future.key, reason=status))
+        except BaseException as exc:  # e.g. the result could not be fetched
+            outcome = (False, exc)
+        on_done(*outcome)
+
+    return relay
+
+
+class _DaskRunner(TaskRunner):
+    """Runs one executor's tasks as Dask futures of the backend's client."""
+
+    def __init__(self, backend: "DaskParallelBackend") -> None:
+        self._backend = backend
+        self._client = backend.client
+        self._base: Dict[str, Any] = _merge_options(backend.config.task, {})
+        self._merged: Dict[int, Tuple[Mapping[str, Any], Dict[str, Any]]] = {}
+
+    def enforces_bound(self, max_workers: int) -> bool:
+        # Only a cluster of fixed size that we started: an external cluster may grow.
+        return self._backend.owns_cluster and self._backend._thread_total() <= max_workers
+
+    def check_options(self, options: Mapping[str, Any]) -> Dict[str, Any]:
+        _merge_options(self._backend.config.task, options)
+        return dict(options)
+
+    def _options(self, options: Mapping[str, Any]) -> Dict[str, Any]:
+        if not options:
+            return self._base
+        cached = self._merged.get(id(options))
+        if cached is None or cached[0] is not options:
+            cached = (options, _merge_options(self._backend.config.task, options))
+            self._merged[id(options)] = cached
+        return cached[1]
+
+    def start(
+        self,
+        fn: Callable[..., Any],
+        args: Tuple[Any, ...],
+        kwargs: Dict[str, Any],
+        options: Mapping[str, Any],
+        on_done: DoneCallback,
+    ) -> Any:
+        future = _submit(self._client, fn, args, kwargs, self._options(options))
+        future.add_done_callback(_relay(on_done))
+        return future
+
+    def stop(self, tokens: List[Any]) -> None:
+        self._backend._stop_futures([t for t in tokens if t is not None])
+
+
+class DaskParallelBackend(BaseParallelBackend, name="dask"):
+    """Runs tasks on Dask: a ``LocalCluster`` it starts, or a scheduler at ``address``.
+
+    Without ``address``, a ``LocalCluster`` is started on 127.0.0.1 with ``n_workers``
+    worker processes of ``threads_per_worker`` threads (by default one single-threaded
+    process per CPU of ``n_cpus``), and closed at :meth:`shutdown`. With ``address``
+    (``tcp://HOST:PORT``), the backend only connects a client; :meth:`shutdown` closes
+    the client and leaves the scheduler and its workers running.
+
+    Stopping running tasks (the ``RUNNING`` cancellation policy): Dask cannot interrupt
+    a task running in a worker thread (dask/distributed#4694), so
+
+    * on a cluster this backend started with worker processes (no ``address``,
+      ``processes: true``, the default), the tasks' futures are cancelled and then the
+      worker processes running them are killed; their nannies start fresh workers at
+      once, and the backend waits (up to a minute) for them before going on. Other
+      tasks that were running on a killed worker are re-run by Dask elsewhere; data held
+      only by that worker (objects from :meth:`put`, finished results) is lost.
+    * on a cluster reached by ``address``, or with ``processes: false``, the backend must
+      not (or cannot) kill workers: it cancels the futures, so Dask forgets the tasks and
+      never re-runs them, but a task already running goes on in its worker thread until
+      it returns, and its result is discarded. The executor reports these futures as
+      cancelled all the same. A warning says so once per backend.
+
+    Examples
+    --------
+    >>> with DaskParallelBackend(n_cpus=1) as backend:  # doctest: +SKIP
+    ...     backend.get(backend.wrap(sum)(backend.put([1, 2, 3])))
+    6
+    """
+
+    config_class = DaskConfig
+    config: DaskConfig
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    def _start(self) -> None:
+        self.cluster: Optional[Any] = None
+        self.client: Any = None
+        self._warned_no_kill = False
+        self._stop_lock = threading.Lock()
+        self._layout: Optional[Tuple[int, int]] = None
+        if self.config.address is None:
+            self._start_local()
+        else:
+            self._connect(self.config.address)
+
+    def _start_local(self) -> None:
+        config = self.config
+        n_workers, threads = self._layout = _local_layout(config)
+        kwargs: Dict[str, Any] = dict(
+            n_workers=n_workers,
+            threads_per_worker=threads,
+            processes=config.processes,
+            protocol="tcp://",  # also with processes=False, whose default (inproc) takes no host
+            host="127.0.0.1",
+            scheduler_port=0,
+            dashboard_address="127.0.0.1:0" if config.dashboard else None,
+            memory_limit=config.memory_limit,
+            silence_logs=config.logging_level,
+        )
+        if not config.dashboard:
+            # The scheduler serves HTTP (health, metrics) even without a dashboard, by
+            # default on port 8787: take a free port instead, so clusters do not clash.
+            kwargs["scheduler_kwargs"] = {"dashboard_address": "127.0.0.1:0"}
+        if config.local_directory is not None:
+            kwargs["local_directory"] = config.local_directory
+        logger.info("starting Dask: distributed.LocalCluster(%s)", ", ".join(f"{k}={v!r}" for k, v in kwargs.items()))
+        cluster = distributed.LocalCluster(**kwargs)
+        try:
+            self.client = distributed.Client(cluster, timeout=config.connect_timeout)
+        except BaseException:
+            cluster.close()
+            raise
+        self.cluster = cluster
+
+    def _connect(self, address: str) -> None:
+        config = self.config
+        ignored = [
+            name
+            for name, default in (("n_workers", None), ("threads_per_worker", None), ("local_directory", None), ("dashboard", False))
+            if getattr(config, name) != default
+        ]
+        if ignored:
+            logger.warning("Dask address %s given: local-cluster settings %s are ignored", address, ", ".join(ignored))
+        logging.getLogger("distributed").setLevel(config.logging_level)
+        logger.info("connecting to the Dask scheduler at %s (timeout %s s)", address, config.connect_timeout)
+        try:
+            self.client = distributed.Client(address, timeout=config.connect_timeout)
+        except (OSError, TimeoutError, distributed.TimeoutError) as exc:
+            raise ConnectionError(
+                f"could not connect to the Dask scheduler at {address} within {config.connect_timeout} s "
+                f"(connect_timeout): {type(exc).__name__}: {exc}. Check that a scheduler runs there "
+                f"(dask scheduler --host HOST --port PORT), or set address to null for a local cluster"
+            ) from None
+
+    def _stop(self) -> None:
+        client, cluster = self.client, self.cluster
+        try:
+            if client is not None:
+                client.close(timeout=max(10.0, self.config.wait_timeout))
+        finally:
+            if cluster is not None:
+                cluster.close(timeout=30)
+
+    @property
+    def owns_cluster(self) -> bool:
+        """Whether this backend started its cluster (and will close it at shutdown)."""
+        return self.cluster is not None
+
+    # -- CPU counts ---------------------------------------------------------------
+
+    @classmethod
+    def _count_slots_unstarted(cls, config: ParallelConfig) -> Optional[int]:
+        if config.address is not None:
+            return None
+        assert isinstance(config, DaskConfig)
+        n_workers, threads = _local_layout(config)
+        return n_workers * threads
+
+    def _thread_total(self) -> int:
+        return int(sum(self.client.nthreads().values()))
+
+    def _count_slots(self) -> int:
+        total = self._thread_total()
+        if self._layout is not None and total < self._layout[0] * self._layout[1]:
+            # Some workers of our cluster are (re)starting: wait for them a bounded time.
+            self._wait_for_workers(self._layout[0], _RESTART_TIMEOUT)
+            total = self._thread_total()
+        if total == 0:
+            self._wait_for_workers(1, self.config.connect_timeout)
+            total = self._thread_total()
+        if total < 1:
+            raise RuntimeError(f"the Dask cluster at {self.client.scheduler.address} has no worker threads")
+        return total
+
+    def _wait_for_workers(self, n: int, timeout: float) -> None:
+        try:
+            self.client.wait_for_workers(n, timeout=timeout)
+        except (TimeoutError, distributed.TimeoutError):
+            logger.warning("Dask: fewer than %d worker(s) connected after %s s", n, timeout)
+
+    # -- executors ----------------------------------------------------------------
+
+    def _task_runner(self, max_workers: int) -> TaskRunner:
+        return _DaskRunner(self)
+
+    def _stop_futures(self, futures: List[Any]) -> None:
+        """Cancel ``futures`` and, where this backend may, kill the workers running them."""
+        if not futures:
+            return
+        can_kill = self.owns_cluster and self.config.processes
+        if not can_kill:
+            if not self._warned_no_kill:
+                self._warned_no_kill = True
+                why = "a cluster this backend did not start" if not self.owns_cluster else "workers that are threads (processes: false)"
+                logger.warning(
+                    "Dask cannot interrupt running tasks, and on %s the backend does not kill workers: "
+                    "the tasks are cancelled, but those already running go on until they return "
+                    "(their results are discarded)",
+                    why,
+                )
+            self.client.cancel(futures, force=True)
+            return
+        with self._stop_lock:
+            keys = {f.key for f in futures if not f.done()}
+            processing = self.client.processing() if keys else {}
+            victims = sorted(addr for addr, running in processing.items() if keys.intersection(running))
+            pids = self._worker_pids() if victims else {}
+            # Cancel first: the scheduler forgets the tasks, so it will not run them again
+            # elsewhere when their workers die.
+            self.client.cancel(futures, force=True)
+            killed = [addr for addr in victims if self._kill_worker(addr, pids.get(addr))]
+            if killed:
+                logger.info("Dask: killed worker(s) %s to stop %d running task(s)", ", ".join(killed), len(keys))
+                self._await_restart(killed)
+
+    def _worker_pids(self) -> Dict[str, Optional[int]]:
+        """Worker address -> PID of its process, from the nannies of our ``LocalCluster``."""
+        pids: Dict[str, Optional[int]] = {}
+        for nanny in list(getattr(self.cluster, "workers", {}).values()):
+            address = getattr(nanny, "worker_address", None)
+            if address:
+                pids[address] = getattr(nanny, "pid", None)
+        return pids
+
+    def _kill_worker(self, address: str, pid: Optional[int]) -> bool:
+        """Kill the worker process ``pid``, if it is one that this process started."""
+        import psutil  # a dependency of distributed
+
+        if not pid or pid == os.getpid():
+            return False
+        try:
+            ours = {p.pid for p in psutil.Process().children(recursive=True)}
+        except psutil.Error:  # pragma: no cover
+            ours = set()
+        if pid not in ours:
+            logger.warning("Dask: worker %s (pid %s) is not a process of this backend; not killing it", address, pid)
+            return False
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return False
+        try:
+            psutil.Process(pid).wait(timeout=10)
+        except psutil.NoSuchProcess:
+            pass
+        except psutil.TimeoutExpired:  # pragma: no cover
+            logger.warning("Dask: worker %s (pid %s) did not exit after SIGKILL", address, pid)
+        return True
+
+    def _await_restart(self, killed: List[str]) -> None:
+        """Wait, boundedly, until the scheduler dropped ``killed`` and has all workers again."""
+        assert self._layout is not None
+        expected = self._layout[0]
+        end = time.monotonic() + _RESTART_TIMEOUT
+        gone = set(killed)
+        while time.monotonic() < end:
+            workers = self.client.scheduler_info(n_workers=-1)["workers"]
+            if gone.isdisjoint(workers) and len(workers) >= expected:
+                return
+            time.sleep(0.05)
+        logger.warning("Dask: the cluster did not get %d worker(s) back within %s s", expected, _RESTART_TIMEOUT)
+
+    # -- object store -------------------------------------------------------------
+
+    def put(self, obj: Any) -> Any:
+        """Scatter ``obj`` to a worker; return its Dask ``Future``.
+
+        ``hash=False``: each call stores a new object (as ``ray.put`` does) without
+        hashing its content, which is slow for large data and would make two equal
+        objects share one key.
+        """
+        self._check_open()
+        return self.client.scatter([obj], hash=False)[0]
+
+    def _check_handles(self, handles: Sequence[Any]) -> None:
+        for handle in handles:
+            if not isinstance(handle, distributed.Future):
+                raise TypeError(f"the dask backend takes Dask futures from put or wrap; got {type(handle).__name__}")
+
+    def get(self, handles: Any, *, timeout: Optional[float] = None) -> Any:
+        """The value of a handle, or the values of a list of handles.
+
+        A failed task raises its own exception; ``TimeoutError`` if the values are not
+        ready within ``timeout`` seconds.
+        """
+        many = isinstance(handles, (list, tuple))
+        items = list(handles) if many else [handles]
+        self._check_handles(items)
+        if timeout is not None:
+            done, _ = self._wait(items, len(items), timeout)
+            if len(done) < len(items):
+                raise TimeoutError(f"{len(items) - len(done)} Dask result(s) not ready within {timeout} s")
+        values = self.client.gather(items)
+        return values if many else values[0]
+
+    def wrap(self, fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
+        """``wrap(fn, **options)(*args)`` submits ``fn(*args)`` (``pure=False``) and returns its Future."""
+        submit_options = _merge_options(self.config.task, options)
+
+        def remote(*args: Any, **kwargs: Any) -> Any:
+            self._check_open()
+            return _submit(self.client, fn, args, kwargs, submit_options)
+
+        remote.__name__ = getattr(fn, "__name__", "remote")
+        remote.__doc__ = getattr(fn, "__doc__", None)
+        return remote
+
+    def wait(self, handles: Sequence[Any], *, num_returns: int = 1, timeout: Optional[float] = None) -> Tuple[List[Any], List[Any]]:
+        handles = list(handles)
+        self._check_num_returns(handles, num_returns)
+        self._check_handles(handles)
+        return self._wait(handles, num_returns, timeout)
+
+    @staticmethod
+    def _wait(handles: List[Any], num_returns: int, timeout: Optional[float]) -> Tuple[List[Any], List[Any]]:
+        """Block (on Dask done-callbacks, not polling) until ``num_returns`` are done."""
+        pending = [h for h in handles if not h.done()]
+        if len(handles) - len(pending) < num_returns:
+            condition = threading.Condition()
+
+            def notify(_future: Any) -> None:
+                with condition:
+                    condition.notify_all()
+
+            for handle in pending:
+                handle.add_done_callback(notify)
+            end = None if timeout is None else time.monotonic() + timeout
+            with condition:
+                while sum(h.done() for h in handles) < num_returns:
+                    remaining = None if end is None else end - time.monotonic()
+                    if remaining is not None and remaining <= 0:
+                        break
+                    # Checked under the lock, so no wake-up is lost; the cap only bounds each wait.
+                    condition.wait(0.5 if remaining is None else min(remaining, 0.5))
+        done = [h for h in handles if h.done()]
+        return done, [h for h in handles if not h.done()]

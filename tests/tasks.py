@@ -1,0 +1,92 @@
+"""Task functions for the tests. They live in a module of their own so that every
+engine's workers can import them by name (Ray and Dask pickle test functions by value
+anyway, loky by reference)."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Tuple
+
+
+class Boom(ValueError):
+    """An exception type of our own, to see that the type survives the trip back."""
+
+
+def add(a: int, b: int = 0) -> int:
+    return a + b
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def fail_on(x: int, bad: int) -> int:
+    if x == bad:
+        raise Boom(f"bad item {x}")
+    return x
+
+
+def raise_boom(message: str) -> None:
+    raise Boom(message)
+
+
+def draw(_: Any = None) -> float:
+    return random.random()
+
+
+def span(seconds: float) -> Tuple[float, float]:
+    """Sleep, and report when this task started and ended (to measure overlap)."""
+    start = time.time()
+    time.sleep(seconds)
+    return start, time.time()
+
+
+def sleep_then(seconds: float, value: Any = None) -> Any:
+    time.sleep(seconds)
+    return value
+
+
+def heartbeat(path: str, seconds: float) -> str:
+    """Touch ``path`` every 20 ms for ``seconds``: while it beats, the work is running."""
+    end = time.time() + seconds
+    target = Path(path)
+    while time.time() < end:
+        target.write_text(str(time.time()))
+        time.sleep(0.02)
+    return "finished"
+
+
+def wait_for_file(path: str, timeout: float = 60.0, value: Any = None) -> Any:
+    """Block until ``path`` exists (a gate the test opens), then return ``value``."""
+    end = time.time() + timeout
+    while not os.path.exists(path):
+        if time.time() > end:
+            raise TimeoutError(f"gate {path} never opened")
+        time.sleep(0.01)
+    return value
+
+
+def length(obj: Any) -> int:
+    return len(obj)
+
+
+def where() -> str:
+    """Which engine runs this code."""
+    try:
+        from distributed import get_worker
+
+        get_worker()
+        return "dask"
+    except (ImportError, ValueError):
+        pass
+    try:
+        import ray
+
+        if ray.is_initialized() and ray.get_runtime_context().get_task_id() is not None:
+            return "ray"
+    except ImportError:
+        pass
+    return f"pid:{os.getpid()}"
