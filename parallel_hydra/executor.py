@@ -17,14 +17,18 @@ the process pool of ``concurrent.futures``. Otherwise ``limit`` is ``max_workers
 our count is the bound. Completions arrive by callback from the engine; each one hands
 the next queued task over. Nothing polls.
 
+An engine that keeps a queue of its own and gives its workers only a few tasks (loky)
+is handed every task at once instead, with no limit; the ``PENDING`` policy then takes
+back from its queue what no worker has been given (``TaskRunner.withdraw``).
+
 A task in flight counts as running: its future says ``running()``, and the ``PENDING``
-policy lets it finish. ``RUNNING`` asks the engine to stop every task in flight and
-reports those futures as cancelled.
+policy lets it finish (unless the engine can take it back unstarted). ``RUNNING`` asks
+the engine to stop every task in flight and reports those futures as cancelled.
 """
 
 from __future__ import annotations
 
-import itertools
+import functools
 import logging
 import math
 import threading
@@ -90,6 +94,23 @@ class TaskRunner(ABC):
         """
         return False
 
+    def keeps_own_queue(self) -> bool:
+        """Whether the engine queues tasks itself and gives its workers only a few.
+
+        Such an engine (loky: a call queue of ``max_workers`` ahead of its workers) may be
+        handed every task at once, which spares a round trip per task, as long as it can
+        take back the ones no worker has yet: see :meth:`withdraw`.
+        """
+        return False
+
+    def withdraw(self, tokens: List[Any]) -> List[bool]:
+        """Take back tasks that no worker has been given; say which ones were.
+
+        A withdrawn task never runs and its ``on_done`` is never called. Only used when
+        :meth:`keeps_own_queue` is true.
+        """
+        return [False] * len(tokens)
+
     def prepare(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
         """Adjust a task's arguments at ``submit`` time, in the caller's thread."""
         return args, kwargs
@@ -106,7 +127,17 @@ class TaskFuture(Future):
 
     ``concurrent.futures`` only lets a future be cancelled before it runs. Under the
     ``RUNNING`` policy, a task's work is really stopped, and its future must then say so.
+    And a task handed to an engine that keeps its own queue says ``running()`` while it
+    may still wait there: ``cancel()`` then asks the engine to take it back.
     """
+
+    _withdraw: Optional[Callable[[], bool]] = None
+
+    def cancel(self) -> bool:
+        if super().cancel():
+            return True
+        withdraw = self._withdraw
+        return withdraw is not None and not self.done() and withdraw() and self._cancel_running()
 
     def _cancel_running(self) -> bool:
         with self._condition:
@@ -172,7 +203,10 @@ class ParallelExecutor(Executor):
         self._max_workers = max_workers
         self._policy = as_policy(cancel_futures)
         self._wait_timeout = wait_timeout
-        self._limit = max_workers * (2 if runner.enforces_bound(max_workers) else 1)
+        if runner.keeps_own_queue():
+            self._limit: float = math.inf
+        else:
+            self._limit = max_workers * (2 if runner.enforces_bound(max_workers) else 1)
         # One lock guards the queue, the in-flight set and the shutdown flags. It is
         # never held while calling into the engine or completing a future.
         self._lock = threading.Lock()
@@ -210,17 +244,17 @@ class ParallelExecutor(Executor):
     def _submit(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any], options: Mapping[str, Any]) -> Future:
         if not callable(fn):
             raise TypeError(f"submit needs a callable; got {fn!r}")
-        with self._lock:
-            if self._shutting_down:
-                raise RuntimeError("cannot submit after shutdown")
+        if self._shutting_down:  # checked again under the lock; this spares prepare()
+            raise RuntimeError("cannot submit after shutdown")
         args, kwargs = self._runner.prepare(args, kwargs)
         task = _Task(fn, args, kwargs, options)
         with self._lock:
             if self._shutting_down:
                 raise RuntimeError("cannot submit after shutdown")
             self._queue.append(task)
-            ready = self._take_ready()
-        self._hand_over(ready)
+            ready = self._take_ready() if len(self._in_flight) < self._limit else None
+        if ready:
+            self._hand_over(ready)
         return task.future
 
     def map(
@@ -283,6 +317,8 @@ class ParallelExecutor(Executor):
             if task.future.set_running_or_notify_cancel():
                 self._in_flight.add(task)
                 ready.append(task)
+                if self._limit == math.inf:
+                    task.future._withdraw = functools.partial(self._withdraw_task, task)
         return ready
 
     def _hand_over(self, tasks: List[_Task]) -> None:
@@ -300,14 +336,15 @@ class ParallelExecutor(Executor):
             if task not in self._in_flight:
                 return  # stopped by the RUNNING policy; its future is settled already
             self._in_flight.discard(task)
-            ready = self._take_ready()
+            ready = self._take_ready() if self._queue else None
             done = not self._queue and not self._in_flight
             if done:
                 self._idle.notify_all()
             close_now = done and self._shutting_down and not self._closed and self._deferred_close
             if close_now:
                 self._closed = True
-        self._hand_over(ready)
+        if ready:
+            self._hand_over(ready)
         task.args = task.kwargs = None  # type: ignore[assignment]  # free memory early
         if ok:
             task.future.set_result(value)
@@ -343,6 +380,8 @@ class ParallelExecutor(Executor):
                 self._queue.clear()
         for task in dropped:
             task.future.cancel()
+        if CancellationPolicy.PENDING in policy and self._limit == math.inf:
+            self._withdraw_queued_in_engine()
         if CancellationPolicy.RUNNING in policy:
             self._stop_in_flight()
         if wait:
@@ -361,6 +400,34 @@ class ParallelExecutor(Executor):
                 self._closed = True
         if close_now:
             threading.Thread(target=self._runner.close, name="parallel_hydra-close", daemon=True).start()
+
+    def _withdraw_task(self, task: _Task) -> bool:
+        """Take one task back from the engine's queue (a user's ``future.cancel()``)."""
+        with self._lock:
+            if task not in self._in_flight:
+                return False
+        if not self._runner.withdraw([task.token])[0]:
+            return False
+        with self._lock:
+            self._in_flight.discard(task)
+            if not self._queue and not self._in_flight:
+                self._idle.notify_all()
+        return True
+
+    def _withdraw_queued_in_engine(self) -> None:
+        with self._lock:
+            candidates = list(self._in_flight)
+        taken_back = self._runner.withdraw([task.token for task in candidates])
+        withdrawn = []
+        with self._lock:
+            for task, ok in zip(candidates, taken_back):
+                if ok and task in self._in_flight:
+                    self._in_flight.discard(task)
+                    withdrawn.append(task)
+            if not self._queue and not self._in_flight:
+                self._idle.notify_all()
+        for task in withdrawn:
+            task.future._cancel_running()
 
     def _stop_in_flight(self) -> None:
         with self._lock:

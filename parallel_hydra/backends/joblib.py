@@ -1,7 +1,9 @@
 """The joblib backend: loky worker processes on this machine, the local default.
 
 Each executor gets a loky process pool of exactly ``max_workers`` processes, so loky
-itself enforces the concurrency bound and the shared executor may hand it work ahead.
+itself enforces the concurrency bound. loky queues submitted work itself and gives its
+workers at most ``max_workers`` tasks ahead of the running ones (we size its call queue), so the shared executor hands it everything at
+once and, under the ``PENDING`` policy, cancels in loky's queue what no worker has yet.
 Stopping running tasks kills that pool's workers (loky's ``kill_workers``) and the next
 task gets a fresh pool. The pool is shut down with the executor: no worker outlives it.
 
@@ -59,9 +61,9 @@ class LocalHandle:
 
 def _resolve(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
     """Replace handles among a task's arguments by their values."""
-    if any(isinstance(a, LocalHandle) for a in args):
+    if LocalHandle in map(type, args):
         args = tuple(a.value() if isinstance(a, LocalHandle) else a for a in args)
-    if any(isinstance(v, LocalHandle) for v in kwargs.values()):
+    if kwargs and LocalHandle in map(type, kwargs.values()):
         kwargs = {k: v.value() if isinstance(v, LocalHandle) else v for k, v in kwargs.items()}
     return args, kwargs
 
@@ -79,6 +81,18 @@ def _relay(on_done: DoneCallback) -> Callable[[Future], None]:
     return relay
 
 
+class _BoundedLokyPool(ProcessPoolExecutor):
+    """A loky pool whose workers are handed at most ``max_workers`` tasks ahead.
+
+    loky's call queue (tasks handed to workers but not started) holds
+    ``2 * max_workers + 1`` by default. Those can no longer be cancelled, and our
+    contract lets at most ``max_workers`` tasks wait ahead of the running ones.
+    """
+
+    def _setup_queues(self, job_reducers: Any, result_reducers: Any, queue_size: Optional[int] = None) -> None:
+        super()._setup_queues(job_reducers, result_reducers, queue_size=self._max_workers)
+
+
 class _LokyRunner(TaskRunner):
     """Runs one executor's tasks on a private loky pool of ``max_workers`` processes."""
 
@@ -91,11 +105,19 @@ class _LokyRunner(TaskRunner):
     def _current_pool(self) -> ProcessPoolExecutor:
         with self._lock:
             if self._pool is None:
-                self._pool = ProcessPoolExecutor(self._max_workers, timeout=self._idle_timeout)
+                self._pool = _BoundedLokyPool(self._max_workers, timeout=self._idle_timeout)
             return self._pool
 
     def enforces_bound(self, max_workers: int) -> bool:
         return True  # the pool has exactly max_workers processes
+
+    def keeps_own_queue(self) -> bool:
+        # loky keeps submitted work in its own queue and moves at most max_workers
+        # items ahead of its running workers; the rest can still be cancelled.
+        return True
+
+    def withdraw(self, tokens: List[Any]) -> List[bool]:
+        return [token is not None and token.cancel() for token in tokens]
 
     def prepare(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
         return _resolve(args, kwargs)
