@@ -7,7 +7,8 @@ that client and leaves the scheduler and its workers running.
 
 Every task is submitted with ``pure=False``: Dask's own ``Client.get_executor()``
 submits with ``pure=True``, under which ten calls of ``random.random`` share one key and
-return one value. Completions arrive through ``Future.add_done_callback``; nothing polls.
+return one value. Each task's outcome is awaited on the client's event loop and reported
+from one dispatch thread of the backend; nothing polls.
 
 ``distributed`` is imported when this module is, and this module only when the Dask
 backend is first used.
@@ -20,6 +21,7 @@ import os
 import signal
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..backend import BaseParallelBackend, available_cpus
@@ -123,23 +125,23 @@ def _local_layout(config: DaskConfig) -> Tuple[int, int]:
     return max(1, total // threads), threads
 
 
-def _relay(on_done: DoneCallback) -> Callable[[Any], None]:
-    """A Dask done-callback that reports the outcome to the executor, exactly once."""
+async def _watch(client: Any, future: Any, on_done: DoneCallback, dispatch: ThreadPoolExecutor) -> None:
+    """On the client's event loop: wait for ``future``, fetch its outcome, report it.
 
-    def relay(future: Any) -> None:
-        try:
-            status = future.status
-            if status == "finished":
-                outcome: Tuple[bool, Any] = (True, future.result())
-            elif status == "error":
-                outcome = (False, future.exception())  # the task's own exception type
-            else:  # cancelled (by us: ignored by the executor) or lost
-                outcome = (False, distributed.client.FutureCancelledError(future.key, reason=status))
-        except BaseException as exc:  # e.g. the result could not be fetched
-            outcome = (False, exc)
-        on_done(*outcome)
-
-    return relay
+    Fetching on the loop saves the thread round trip of ``Future.add_done_callback``
+    followed by a blocking ``result()``. ``gather`` raises the task's own exception type
+    (or ``CancelledError`` once the future is cancelled). ``on_done`` runs on the
+    backend's dispatch thread, never on the loop: it may submit the next task, and it
+    completes a user-visible future whose callbacks may block.
+    """
+    try:
+        outcome: Tuple[bool, Any] = (True, await client.gather(future, asynchronous=True))
+    except BaseException as exc:  # the task's exception, a cancellation, a lost worker
+        outcome = (False, exc)
+    try:
+        dispatch.submit(on_done, *outcome)
+    except RuntimeError:  # the backend is shutting down: report from here instead
+        threading.Thread(target=on_done, args=outcome, daemon=True).start()
 
 
 class _DaskRunner(TaskRunner):
@@ -177,7 +179,7 @@ class _DaskRunner(TaskRunner):
         on_done: DoneCallback,
     ) -> Any:
         future = _submit(self._client, fn, args, kwargs, self._options(options))
-        future.add_done_callback(_relay(on_done))
+        self._client.loop.add_callback(_watch, self._client, future, on_done, self._backend._dispatch)
         return future
 
     def stop(self, tokens: List[Any]) -> None:
@@ -224,6 +226,8 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
         self.cluster: Optional[Any] = None
         self.client: Any = None
         self._warned_no_kill = False
+        # One thread reports every completion to the executors (see _watch).
+        self._dispatch = ThreadPoolExecutor(1, thread_name_prefix="parallel_hydra-dask")
         self._stop_lock = threading.Lock()
         self._layout: Optional[Tuple[int, int]] = None
         if self.config.address is None:
@@ -286,8 +290,11 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
             if client is not None:
                 client.close(timeout=max(10.0, self.config.wait_timeout))
         finally:
-            if cluster is not None:
-                cluster.close(timeout=30)
+            try:
+                if cluster is not None:
+                    cluster.close(timeout=30)
+            finally:
+                self._dispatch.shutdown(wait=False)
 
     @property
     def owns_cluster(self) -> bool:

@@ -37,7 +37,7 @@ import sys
 import threading
 import time
 import weakref
-from typing import Any, Callable, Dict, List, Mapping, MutableMapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..backend import BaseParallelBackend, available_cpus
 from ..config import ParallelConfig, RayConfig, RayTaskOptions, plain
