@@ -94,7 +94,7 @@ class TaskRunner(ABC):
         """
         return False
 
-    def keeps_own_queue(self) -> bool:
+    def keeps_own_queue(self, max_workers: int) -> bool:
         """Whether the engine queues tasks itself and gives its workers only a few.
 
         Such an engine (loky: a call queue of ``max_workers`` ahead of its workers) may be
@@ -203,7 +203,7 @@ class ParallelExecutor(Executor):
         self._max_workers = max_workers
         self._policy = as_policy(cancel_futures)
         self._wait_timeout = wait_timeout
-        if runner.keeps_own_queue():
+        if runner.keeps_own_queue(max_workers):
             self._limit: float = math.inf
         else:
             self._limit = max_workers * (2 if runner.enforces_bound(max_workers) else 1)
@@ -414,7 +414,8 @@ class ParallelExecutor(Executor):
                 self._idle.notify_all()
         return True
 
-    def _withdraw_queued_in_engine(self) -> None:
+    def _take_back_from_engine(self) -> List[_Task]:
+        """Withdraw from the engine's own queue the tasks no worker has been given."""
         with self._lock:
             candidates = list(self._in_flight)
         taken_back = self._runner.withdraw([task.token for task in candidates])
@@ -426,10 +427,16 @@ class ParallelExecutor(Executor):
                     withdrawn.append(task)
             if not self._queue and not self._in_flight:
                 self._idle.notify_all()
-        for task in withdrawn:
+        return withdrawn
+
+    def _withdraw_queued_in_engine(self) -> None:
+        for task in self._take_back_from_engine():
             task.future._cancel_running()
 
     def _stop_in_flight(self) -> None:
+        # Tasks still waiting in the engine's own queue are pending, not running: take
+        # them back first, and hand them over again once the running ones are stopped.
+        spared = self._take_back_from_engine() if self._limit == math.inf else []
         with self._lock:
             victims = list(self._in_flight)
             self._in_flight.clear()
@@ -439,7 +446,8 @@ class ParallelExecutor(Executor):
         for task in victims:
             task.future._cancel_running()
         with self._lock:
-            ready = self._take_ready()
+            self._in_flight.update(spared)  # their futures already say running
+            ready = spared + self._take_ready()
             if not self._queue and not self._in_flight:
                 self._idle.notify_all()
         self._hand_over(ready)

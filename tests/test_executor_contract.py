@@ -93,10 +93,12 @@ def test_submit_after_shutdown_raises(backend: BaseParallelBackend) -> None:
 def test_a_pending_future_cancelled_by_the_user_never_runs(backend: BaseParallelBackend, tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     with backend.executor(max_workers=1, cancel_futures="NONE") as executor:
-        blockers = [executor.submit(tasks.wait_for_file, str(gate)) for _ in range(2)]
+        blockers = [executor.submit(tasks.wait_for_file, str(gate)) for _ in range(3)]
         queued = executor.submit(tasks.heartbeat, str(tmp_path / "beat"), 0.1)
-        assert queued.cancel()
-        gate.touch()
+        try:
+            assert queued.cancel()
+        finally:
+            gate.touch()  # never leave the blockers waiting, even when the test fails
     assert all(f.done() and not f.cancelled() for f in blockers)
     assert queued.cancelled()
     assert not (tmp_path / "beat").exists()

@@ -144,6 +144,28 @@ async def _watch(client: Any, future: Any, on_done: DoneCallback, dispatch: Thre
         threading.Thread(target=on_done, args=outcome, daemon=True).start()
 
 
+#: Scheduler task states of a task that no worker has been given yet.
+_UNSTARTED_STATES = frozenset({"released", "waiting", "queued", "no-worker"})
+
+
+def _cancel_unstarted(dask_scheduler: Any, keys: List[Any], client_id: str) -> List[Any]:
+    """On the scheduler: cancel those of ``keys`` that no worker has; return them.
+
+    Checking and cancelling in one step on the scheduler's event loop means that no task
+    can move to a worker in between.
+    """
+    unstarted = []
+    for key in keys:
+        task = dask_scheduler.tasks.get(key)
+        if task is not None and task.state in _UNSTARTED_STATES:
+            unstarted.append(key)
+    if unstarted:
+        dask_scheduler.stimulus_cancel(
+            unstarted, client=client_id, force=False, reason="withdrawn by parallel_hydra", msg="not started"
+        )
+    return unstarted
+
+
 class _DaskRunner(TaskRunner):
     """Runs one executor's tasks as Dask futures of the backend's client."""
 
@@ -156,6 +178,28 @@ class _DaskRunner(TaskRunner):
     def enforces_bound(self, max_workers: int) -> bool:
         # Only a cluster of fixed size that we started: an external cluster may grow.
         return self._backend.owns_cluster and self._backend._thread_total() <= max_workers
+
+    def keeps_own_queue(self, max_workers: int) -> bool:
+        # The scheduler queues tasks itself (worker-saturation) and gives each worker
+        # about one task beyond its threads, so on a cluster that enforces the bound the
+        # executor can hand it everything, and take back queued tasks (withdraw).
+        import dask
+
+        saturation = dask.config.get("distributed.scheduler.worker-saturation", 1.1)
+        try:
+            finite = float(saturation) < float("inf")
+        except (TypeError, ValueError):
+            finite = False
+        return finite and self.enforces_bound(max_workers)
+
+    def withdraw(self, tokens: List[Any]) -> List[bool]:
+        futures = [t for t in tokens if t is not None]
+        if not futures:
+            return [False] * len(tokens)
+        taken = set(
+            self._client.run_on_scheduler(_cancel_unstarted, keys=[f.key for f in futures], client_id=self._client.id)
+        )
+        return [t is not None and t.key in taken for t in tokens]
 
     def check_options(self, options: Mapping[str, Any]) -> Dict[str, Any]:
         _merge_options(self._backend.config.task, options)

@@ -111,7 +111,7 @@ class _LokyRunner(TaskRunner):
     def enforces_bound(self, max_workers: int) -> bool:
         return True  # the pool has exactly max_workers processes
 
-    def keeps_own_queue(self) -> bool:
+    def keeps_own_queue(self, max_workers: int) -> bool:
         # loky keeps submitted work in its own queue and moves at most max_workers
         # items ahead of its running workers; the rest can still be cancelled.
         return True
