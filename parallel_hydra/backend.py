@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import importlib
 import logging
-import os
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from typing import Any, Callable, ClassVar, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 from .config import ParallelConfig, plain
 from .executor import ParallelExecutor, TaskRunner
-from .policy import CancellationPolicy, PolicyLike, as_policy
+from .policy import PolicyLike, as_policy
 
 __all__ = [
     "BaseParallelBackend",
@@ -242,12 +241,33 @@ class BaseParallelBackend(ABC):
     def get(self, handles: Any, *, timeout: Optional[float] = None) -> Any:
         """The value behind a handle, or a list of values for a list of handles."""
 
-    @abstractmethod
     def wrap(self, fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
         """``wrap(fn)(*args)`` starts ``fn(*args)`` on the engine and returns a handle.
 
-        ``options`` are per-task engine options, as for ``executor.with_options``.
+        ``options`` are per-task engine options, as for ``executor.with_options``; they
+        are checked here, so a bad key fails before anything runs.
         """
+        if not callable(fn):
+            raise TypeError(f"wrap needs a callable; got {fn!r}")
+        checked = self._check_task_options(options)
+
+        def remote(*args: Any, **kwargs: Any) -> Any:
+            self._check_open()
+            return self._start_wrapped(fn, args, kwargs, checked)
+
+        remote.__name__ = getattr(fn, "__name__", "remote")
+        remote.__doc__ = getattr(fn, "__doc__", None)
+        return remote
+
+    def _check_task_options(self, options: Mapping[str, Any]) -> Dict[str, Any]:
+        """Validate per-call engine options; this default takes none."""
+        if options:
+            raise ValueError(f"the {self.name} backend takes no per-task options; got {sorted(options)}")
+        return {}
+
+    @abstractmethod
+    def _start_wrapped(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any], options: Dict[str, Any]) -> Any:
+        """Start ``fn(*args, **kwargs)`` on the engine with checked options; a handle."""
 
     @abstractmethod
     def wait(

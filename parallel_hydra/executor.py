@@ -147,7 +147,7 @@ class TaskFuture(Future):
             for waiter in self._waiters:
                 waiter.add_cancelled(self)
             self._condition.notify_all()
-        self._invoke_callbacks()
+        self._invoke_callbacks()  # type: ignore[attr-defined]
         return True
 
 
@@ -294,7 +294,7 @@ class ParallelExecutor(Executor):
                 try:
                     value = futures[-1].result(remaining)
                 except FuturesTimeoutError:
-                    raise FuturesTimeoutError(f"map results not ready within the timeout") from None
+                    raise FuturesTimeoutError("map results not ready within the timeout") from None
                 futures.pop()
                 if not chunked:
                     yield value
@@ -325,7 +325,7 @@ class ParallelExecutor(Executor):
         for task in tasks:
             try:
                 task.token = self._runner.start(
-                    task.fn, task.args, task.kwargs, task.options, lambda ok, value, task=task: self._finish(task, ok, value)
+                    task.fn, task.args, task.kwargs, task.options, functools.partial(self._finish, task)
                 )
             except BaseException as exc:  # the engine refused the task: report it there
                 self._finish(task, False, exc)

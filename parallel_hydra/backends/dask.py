@@ -148,16 +148,18 @@ async def _watch(client: Any, future: Any, on_done: DoneCallback, dispatch: Thre
 _UNSTARTED_STATES = frozenset({"released", "waiting", "queued", "no-worker"})
 
 
-def _cancel_unstarted(dask_scheduler: Any, keys: List[Any], client_id: str) -> List[Any]:
-    """On the scheduler: cancel those of ``keys`` that no worker has; return them.
+def _cancel_on_scheduler(dask_scheduler: Any, keys: List[Any], client_id: str, only_unstarted: bool) -> List[Any]:
+    """On the scheduler: cancel ``keys`` (or those no worker has yet); return them.
 
-    Checking and cancelling in one step on the scheduler's event loop means that no task
-    can move to a worker in between.
+    Run through ``Client.run_on_scheduler``, this is done when the call returns, unlike
+    ``Client.cancel``, whose message may still be on its way when we kill a worker: the
+    scheduler would then run the task again elsewhere. Checking and cancelling in one
+    step also means no task moves to a worker in between.
     """
     unstarted = []
     for key in keys:
         task = dask_scheduler.tasks.get(key)
-        if task is not None and task.state in _UNSTARTED_STATES:
+        if task is not None and (task.state in _UNSTARTED_STATES or not only_unstarted):
             unstarted.append(key)
     if unstarted:
         dask_scheduler.stimulus_cancel(
@@ -197,7 +199,9 @@ class _DaskRunner(TaskRunner):
         if not futures:
             return [False] * len(tokens)
         taken = set(
-            self._client.run_on_scheduler(_cancel_unstarted, keys=[f.key for f in futures], client_id=self._client.id)
+            self._client.run_on_scheduler(
+                _cancel_on_scheduler, keys=[f.key for f in futures], client_id=self._client.id, only_unstarted=True
+            )
         )
         return [t is not None and t.key in taken for t in tokens]
 
@@ -404,8 +408,11 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
             processing = self.client.processing() if keys else {}
             victims = sorted(addr for addr, running in processing.items() if keys.intersection(running))
             pids = self._worker_pids() if victims else {}
-            # Cancel first: the scheduler forgets the tasks, so it will not run them again
-            # elsewhere when their workers die.
+            # Cancel first, and wait until the scheduler has: it then forgets the tasks, and
+            # will not run them again elsewhere when their workers die.
+            self.client.run_on_scheduler(
+                _cancel_on_scheduler, keys=[f.key for f in futures], client_id=self.client.id, only_unstarted=False
+            )
             self.client.cancel(futures, force=True)
             killed = [addr for addr in victims if self._kill_worker(addr, pids.get(addr))]
             if killed:
@@ -492,17 +499,12 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
         values = self.client.gather(items)
         return values if many else values[0]
 
-    def wrap(self, fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
-        """``wrap(fn, **options)(*args)`` submits ``fn(*args)`` (``pure=False``) and returns its Future."""
-        submit_options = _merge_options(self.config.task, options)
+    def _check_task_options(self, options: Mapping[str, Any]) -> Dict[str, Any]:
+        return _merge_options(self.config.task, options)
 
-        def remote(*args: Any, **kwargs: Any) -> Any:
-            self._check_open()
-            return _submit(self.client, fn, args, kwargs, submit_options)
-
-        remote.__name__ = getattr(fn, "__name__", "remote")
-        remote.__doc__ = getattr(fn, "__doc__", None)
-        return remote
+    def _start_wrapped(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any], options: Dict[str, Any]) -> Any:
+        """Submit ``fn(*args)`` with ``pure=False``; the handle is its Future."""
+        return _submit(self.client, fn, args, kwargs, options)
 
     def wait(self, handles: Sequence[Any], *, num_returns: int = 1, timeout: Optional[float] = None) -> Tuple[List[Any], List[Any]]:
         handles = list(handles)

@@ -198,23 +198,14 @@ class JoblibParallelBackend(BaseParallelBackend, name="joblib"):
             return [one(h) for h in handles]
         return one(handles)
 
-    def wrap(self, fn: Callable[..., Any], **options: Any) -> Callable[..., LocalHandle]:
-        if options:
-            raise ValueError(f"the joblib backend takes no per-task options; got {sorted(options)}")
-
-        def remote(*args: Any, **kwargs: Any) -> LocalHandle:
-            self._check_open()
-            args, kwargs = _resolve(args, kwargs)
-            with self._pool_lock:
-                if self._wrap_pool is None:
-                    n = self.effective_n_jobs(-1)
-                    self._wrap_pool = ProcessPoolExecutor(n, timeout=self.config.idle_worker_timeout)
-                pool = self._wrap_pool
-            return LocalHandle(pool.submit(fn, *args, **kwargs))
-
-        remote.__name__ = getattr(fn, "__name__", "remote")
-        remote.__doc__ = getattr(fn, "__doc__", None)
-        return remote
+    def _start_wrapped(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any], options: Dict[str, Any]) -> LocalHandle:
+        args, kwargs = _resolve(args, kwargs)
+        with self._pool_lock:
+            if self._wrap_pool is None:
+                n = self.effective_n_jobs(-1)
+                self._wrap_pool = ProcessPoolExecutor(n, timeout=self.config.idle_worker_timeout)
+            pool = self._wrap_pool
+        return LocalHandle(pool.submit(fn, *args, **kwargs))
 
     def wait(self, handles: Sequence[Any], *, num_returns: int = 1, timeout: Optional[float] = None) -> Tuple[List[Any], List[Any]]:
         handles = list(handles)

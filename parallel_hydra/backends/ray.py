@@ -98,7 +98,7 @@ def check_task_options(options: Mapping[str, Any]) -> Dict[str, Any]:
         )
     # Reuse the config's validation of values (it raises ValueError naming the field).
     RayTaskOptions(**options)
-    return options
+    return dict(options)
 
 
 # -- remote functions ---------------------------------------------------------------
@@ -436,7 +436,7 @@ class RayParallelBackend(BaseParallelBackend, name="ray"):
     def _refresh_ray_config() -> None:
         """Make Ray re-read RAY_AUTH_MODE (it caches its config per process)."""
         try:
-            from ray._raylet import Config
+            from ray._raylet import Config  # type: ignore[attr-defined]
 
             Config.initialize("")
         except Exception as exc:  # pragma: no cover - Ray internals moved
@@ -520,18 +520,11 @@ class RayParallelBackend(BaseParallelBackend, name="ray"):
         except ray.exceptions.RayTaskError as exc:
             raise _unwrap(ray, exc) from None
 
-    def wrap(self, fn: Callable[..., Any], **options: Any) -> Callable[..., Any]:
-        options = check_task_options(options)
-        if not callable(fn):
-            raise TypeError(f"wrap needs a callable; got {fn!r}")
+    def _check_task_options(self, options: Mapping[str, Any]) -> Dict[str, Any]:
+        return check_task_options(options)
 
-        def remote(*args: Any, **kwargs: Any) -> Any:
-            self._check_open()
-            return _submit(self._remote_cache, fn, args, kwargs, options)
-
-        remote.__name__ = getattr(fn, "__name__", "remote")
-        remote.__doc__ = getattr(fn, "__doc__", None)
-        return remote
+    def _start_wrapped(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any], options: Dict[str, Any]) -> Any:
+        return _submit(self._remote_cache, fn, args, kwargs, options)
 
     def wait(self, handles: Sequence[Any], *, num_returns: int = 1, timeout: Optional[float] = None) -> Tuple[List[Any], List[Any]]:
         self._check_open()
