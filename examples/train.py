@@ -13,7 +13,6 @@ is reproducible) and report the percentile interval of the score.
 
 from __future__ import annotations
 
-import logging
 import sys
 import time
 from typing import Any, Dict, List, Tuple
@@ -22,8 +21,6 @@ import hydra
 import numpy as np
 from hydra.utils import instantiate
 from omegaconf import DictConfig
-
-log = logging.getLogger(__name__)
 
 
 def make_data(n_samples: int, n_features: int, noise: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:

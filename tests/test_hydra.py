@@ -50,6 +50,11 @@ def test_multirun_gives_each_job_its_own_backend(user_app: Path) -> None:
     assert [r.split()[2] for r in run.results()] == ["workers=1", "workers=2"]
 
 
+def test_multirun_gives_each_ray_job_a_runtime_of_its_size(user_app: Path) -> None:
+    run = run_ok(user_app, "-m", "parallel=ray", "parallel.n_cpus=1,2")
+    assert [r.split()[1:3] for r in run.results()] == [["backend=ray", "workers=1"], ["backend=ray", "workers=2"]]
+
+
 def test_multirun_sweeps_engines(user_app: Path) -> None:
     run = run_ok(user_app, "-m", "parallel=joblib,ray")
     assert [r.split()[1] for r in run.results()] == ["backend=joblib", "backend=ray"]
