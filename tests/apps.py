@@ -14,7 +14,7 @@ import textwrap
 import time
 import uuid
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import psutil
 
@@ -94,22 +94,23 @@ class AppRun:
         return [line for line in self.stdout.splitlines() if line.startswith("RESULT")]
 
 
-def processes_with_marker(marker: str) -> List[psutil.Process]:
+def processes_with_marker(marker: str, name: str = MARKER) -> List[psutil.Process]:
+    """Live processes whose environment holds ``name=marker``."""
     found = []
     for proc in psutil.process_iter():
         try:
-            if proc.environ().get(MARKER) == marker:
+            if proc.status() != psutil.STATUS_ZOMBIE and proc.environ().get(name) == marker:
                 found.append(proc)
-        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess, OSError):
+        except (psutil.Error, OSError):
             continue
     return found
 
 
-def leftovers(marker: str, grace: float = 20.0) -> List[str]:
+def leftovers(marker: str, grace: float = 20.0, name: str = MARKER) -> List[str]:
     """Processes still carrying ``marker`` after ``grace`` seconds (they may be exiting)."""
     end = time.monotonic() + grace
     while True:
-        alive = [p for p in processes_with_marker(marker) if p.status() != psutil.STATUS_ZOMBIE]
+        alive = processes_with_marker(marker, name)
         if not alive or time.monotonic() > end:
             break
         time.sleep(0.2)
@@ -120,3 +121,31 @@ def leftovers(marker: str, grace: float = 20.0) -> List[str]:
         except psutil.Error:
             continue
     return described
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 30.0) -> bool:
+    """Poll ``predicate`` until it holds or ``timeout`` passes; whether it held."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def wait_for_path(path: Path, timeout: float = 60.0) -> None:
+    """Block until a task has created ``path``, failing the test after ``timeout``."""
+    assert wait_until(path.exists, timeout), f"{path.name} did not appear within {timeout} s"
+
+
+def beats_after(path: Path, seconds: float = 1.0) -> bool:
+    """Whether the heartbeat file at ``path`` changes within the next ``seconds``."""
+
+    def read() -> Optional[str]:
+        try:
+            return path.read_text()
+        except OSError:
+            return None
+
+    before = read()
+    return wait_until(lambda: read() != before, seconds)

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Iterator, Optional
 
 import pytest
 
@@ -25,8 +25,6 @@ __all__ = [
     "free_port",
     "port_accepts",
     "run_app",
-    "marked_processes",
-    "wait_no_marked_processes",
 ]
 
 #: The repository root: subprocess apps run there so they import this checkout.
@@ -76,35 +74,6 @@ def run_app(code: str, timeout: float = 120.0, **env: str) -> subprocess.Complet
         text=True,
         timeout=timeout,
     )
-
-
-def marked_processes(marker_name: str, marker: str) -> List[int]:
-    """PIDs of live processes whose environment carries ``marker_name=marker``.
-
-    Every process an app starts inherits its environment, so this finds what it left.
-    """
-    import psutil
-
-    found = []
-    for proc in psutil.process_iter(["pid", "status"]):
-        try:
-            if proc.info["status"] == psutil.STATUS_ZOMBIE:
-                continue
-            if proc.environ().get(marker_name) == marker:
-                found.append(proc.pid)
-        except (psutil.Error, OSError):
-            continue
-    return found
-
-
-def wait_no_marked_processes(marker_name: str, marker: str, grace: float = 30.0) -> List[int]:
-    """Wait up to ``grace`` seconds for the marked processes to be gone; return survivors."""
-    end = time.monotonic() + grace
-    while True:
-        left = marked_processes(marker_name, marker)
-        if not left or time.monotonic() > end:
-            return left
-        time.sleep(0.25)
 
 
 @pytest.fixture(scope="session")

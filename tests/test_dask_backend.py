@@ -22,6 +22,7 @@ import psutil
 import pytest
 
 import tasks
+from apps import beats_after, leftovers, wait_for_path
 from dask_support import DaskTestCluster
 from parallel_hydra import CancellationPolicy, DaskConfig, effective_n_jobs
 from parallel_hydra.backends.dask import DaskParallelBackend
@@ -43,53 +44,11 @@ def _run_app(code: str, env: Dict[str, str], timeout: float = 120) -> subprocess
     )
 
 
-def _marked_processes(name: str, value: str) -> List[psutil.Process]:
-    """Processes whose environment holds ``name=value`` (those an app started)."""
-    found = []
-    for process in psutil.process_iter():
-        try:
-            if process.environ().get(name) == value:
-                found.append(process)
-        except (psutil.Error, OSError):
-            continue
-    return found
-
-
-def _no_marked_process_within(name: str, value: str, grace: float = 20.0) -> List[psutil.Process]:
-    end = time.monotonic() + grace
-    while True:
-        left = _marked_processes(name, value)
-        if not left or time.monotonic() > end:
-            return left
-        psutil.wait_procs(left, timeout=0.5)
-
-
 def _worker_threads(address: str) -> Dict[str, int]:
     from distributed import Client
 
     with Client(address, timeout=30) as client:
         return dict(client.nthreads())
-
-
-def _wait_for(path: Path, timeout: float = 60.0) -> None:
-    end = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < end, f"{path} did not appear within {timeout} s"
-        time.sleep(0.02)
-
-
-def _beats_after(path: Path, seconds: float) -> bool:
-    """Whether the heartbeat at ``path`` changes during the next ``seconds``."""
-    before = path.read_text()
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        time.sleep(0.05)
-        try:
-            if path.read_text() != before:
-                return True
-        except OSError:
-            pass
-    return False
 
 
 # -- pure=False ---------------------------------------------------------------------
@@ -134,7 +93,7 @@ def test_local_cluster_leaves_no_process_behind() -> None:
     assert result.returncode == 0, result.stderr
     worker_pids = json.loads(result.stdout.strip().splitlines()[-1])
     assert worker_pids and os.getpid() not in worker_pids
-    assert _no_marked_process_within("PARALLEL_HYDRA_TEST_MARKER", marker) == []
+    assert leftovers(marker) == []
     assert not any(psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE for pid in worker_pids)
 
 
@@ -187,13 +146,13 @@ def test_running_policy_kills_the_work_on_an_owned_cluster(dask_backend: DaskPar
     pids_before = set(dask_backend._worker_pids().values())
     executor = dask_backend.executor(cancel_futures=CancellationPolicy.RUNNING)
     future = executor.submit(tasks.heartbeat, str(beat), 60.0)
-    _wait_for(beat)
+    wait_for_path(beat)
     started = time.monotonic()
     executor.shutdown()
     assert time.monotonic() - started < 30
     assert future.cancelled()
     # The worker running it was killed (and not re-run elsewhere): the beat has stopped.
-    assert not _beats_after(beat, 1.5)
+    assert not beats_after(beat, 1.5)
     pids_after = set(dask_backend._worker_pids().values())
     assert len(pids_before - pids_after) == 1 and len(pids_after) == 2
     # The backend goes on working, with all its workers back.
@@ -212,11 +171,11 @@ def test_running_policy_only_cancels_on_a_cluster_it_did_not_start(
             beat = tmp_path / f"beat{round_}"
             executor = backend.executor(cancel_futures="RUNNING")
             future = executor.submit(tasks.heartbeat, str(beat), 1.5)
-            _wait_for(beat)
+            wait_for_path(beat)
             executor.shutdown()
             assert future.cancelled()
             # As documented: Dask forgot the task, but its thread runs on to its end.
-            assert _beats_after(beat, 1.0)
+            assert beats_after(beat, 1.0)
         warnings = [r for r in caplog.records if "cannot interrupt" in r.getMessage()]
         assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
         with backend.executor() as executor:
@@ -231,7 +190,7 @@ def test_running_policy_with_thread_workers_cancels_and_warns(tmp_path: Path, ca
         beat = tmp_path / "beat"
         with backend.executor(cancel_futures="RUNNING") as executor:
             future = executor.submit(tasks.heartbeat, str(beat), 0.5)
-            _wait_for(beat)
+            wait_for_path(beat)
         assert future.cancelled()
         assert "processes: false" in caplog.text
         with backend.executor() as executor:
@@ -257,7 +216,7 @@ def test_an_app_connecting_by_address_leaves_the_cluster_running(dask_cluster: D
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["210", "3"]
-    assert _no_marked_process_within("PARALLEL_HYDRA_TEST_MARKER", marker) == []
+    assert leftovers(marker) == []
     assert dask_cluster.alive()
     assert sorted(_worker_threads(dask_cluster.address).values()) == [1, 1]
 

@@ -17,6 +17,7 @@ import pytest
 from parallel_hydra import BaseParallelBackend, CancellationPolicy, MapReduceJob
 
 import tasks
+from apps import beats_after, wait_until
 from tasks import Boom
 
 
@@ -34,23 +35,6 @@ def open_gate_later(path: Path, seconds: float) -> threading.Timer:
     timer = threading.Timer(seconds, path.touch)
     timer.start()
     return timer
-
-
-def beats_after(path: Path, quiet: float = 1.0) -> bool:
-    """Whether the heartbeat file changes within ``quiet`` seconds from now."""
-    before = path.read_text() if path.exists() else None
-    time.sleep(quiet)
-    after = path.read_text() if path.exists() else None
-    return before != after
-
-
-def wait_until(predicate, timeout: float = 30.0) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 # -- submit, results, exceptions ------------------------------------------------------

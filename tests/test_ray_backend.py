@@ -17,7 +17,8 @@ import pytest
 
 from parallel_hydra import RayConfig, effective_n_jobs
 from parallel_hydra.backends.ray import RayParallelBackend
-from ray_support import port_accepts, run_app, wait_no_marked_processes
+from apps import leftovers, wait_for_path
+from ray_support import port_accepts, run_app
 
 MARKER = "PARALLEL_HYDRA_TEST_MARKER"
 
@@ -32,13 +33,6 @@ def _write_after(started: str, done: str, delay: float) -> None:
     Path(started).write_text("started")
     time.sleep(delay)
     Path(done).write_text("done")
-
-
-def _wait_for(path: Path, timeout: float = 60.0) -> None:
-    end = time.monotonic() + timeout
-    while not path.exists():
-        assert time.monotonic() < end, f"{path.name} did not appear within {timeout} s"
-        time.sleep(0.05)
 
 
 def _check(result, what: str) -> None:
@@ -64,7 +58,7 @@ def test_local_runtime_is_stopped_when_the_app_exits() -> None:
     result = run_app(code, **{MARKER: marker})
     _check(result, "the app")
     assert "OK" in result.stdout
-    left = wait_no_marked_processes(MARKER, marker)
+    left = leftovers(marker, grace=30.0, name=MARKER)
     assert not left, f"processes started by the app are still running: {left}"
 
 
@@ -117,7 +111,7 @@ def test_an_app_by_address_leaves_the_cluster_running(ray_cluster_address: str) 
     )
     result = run_app(code, **{MARKER: marker})
     _check(result, "the app")
-    left = wait_no_marked_processes(MARKER, marker)
+    left = leftovers(marker, grace=30.0, name=MARKER)
     assert not left, f"processes started by the app are still running: {left}"
     host, _, port = ray_cluster_address.rpartition(":")
     assert port_accepts(host, int(port)), "the cluster stopped when the app exited"
@@ -208,7 +202,7 @@ def test_running_policy_really_stops_the_task(ray_backend: RayParallelBackend, t
     started, done = tmp_path / "started", tmp_path / "done"
     executor = ray_backend.executor(max_workers=1)
     future = executor.submit(_write_after, str(started), str(done), 1.5)
-    _wait_for(started)
+    wait_for_path(started)
     executor.shutdown(cancel_futures="RUNNING")
     assert future.cancelled()
     time.sleep(3.0)  # well past the moment the task would have written its file
