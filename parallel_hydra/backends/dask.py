@@ -278,6 +278,9 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
         self._dispatch = ThreadPoolExecutor(1, thread_name_prefix="parallel_hydra-dask")
         self._stop_lock = threading.Lock()
         self._layout: Optional[Tuple[int, int]] = None
+        # The engine's loggers follow logging_level, whatever the app's root logger says
+        # (Hydra apps log INFO by default).
+        logging.getLogger("distributed").setLevel(self.config.logging_level)
         if self.config.address is None:
             self._start_local()
         else:
@@ -321,7 +324,6 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
         ]
         if ignored:
             logger.warning("Dask address %s given: local-cluster settings %s are ignored", address, ", ".join(ignored))
-        logging.getLogger("distributed").setLevel(config.logging_level)
         logger.info("connecting to the Dask scheduler at %s (timeout %s s)", address, config.connect_timeout)
         try:
             self.client = distributed.Client(address, timeout=config.connect_timeout)
