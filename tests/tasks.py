@@ -90,3 +90,7 @@ def where() -> str:
     except ImportError:
         pass
     return f"pid:{os.getpid()}"
+
+
+def total(array: Any) -> float:
+    return float(array.sum())

@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 
+import os
+
 import psutil
 import pytest
 from omegaconf import OmegaConf
@@ -201,3 +203,17 @@ def test_map_reduce_checks_its_arguments() -> None:
         MapReduceJob([1], chunk_sizes, n_jobs=0)
     with pytest.raises(ValueError, match="timeout"):
         MapReduceJob([1], chunk_sizes, timeout=0)
+
+
+def test_joblib_shares_large_arrays_by_file_and_removes_the_file() -> None:
+    import numpy as np
+
+    array = np.ones(2**18)
+    with JoblibParallelBackend(n_cpus=1) as backend:
+        handle = backend.put(array)
+        assert backend.get(handle) is array  # the caller gets its own object back
+        folder = backend._share_dir
+        assert folder is not None and len(os.listdir(folder)) == 1
+        with backend.executor() as executor:
+            assert executor.submit(tasks.total, handle).result() == float(array.size)
+    assert not os.path.exists(folder)

@@ -229,6 +229,17 @@ def test_put_handle_reaches_a_task_as_the_object(backend: BaseParallelBackend) -
     assert backend.get([handle, backend.put("ab")]) == [list(range(1000)), "ab"]
 
 
+def test_a_large_array_reaches_a_task_by_handle(backend: BaseParallelBackend) -> None:
+    import numpy as np
+
+    array = np.arange(2**19, dtype=np.float64)  # 4 MiB: large enough to be shared, not pickled
+    handle = backend.put(array)
+    with backend.executor() as executor:
+        sums = [f.result(timeout=60) for f in [executor.submit(tasks.total, handle) for _ in range(3)]]
+    assert sums == [float(array.sum())] * 3
+    assert backend.get(handle) is array or np.array_equal(backend.get(handle), array)
+
+
 def test_wrap_starts_the_function_and_returns_a_handle(backend: BaseParallelBackend) -> None:
     remote_add = backend.wrap(tasks.add)
     handles = [remote_add(i, 1) for i in range(5)]

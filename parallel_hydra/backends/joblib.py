@@ -15,8 +15,13 @@ by its value before the task is pickled, which is what Ray and Dask do with thei
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import sys
+import tempfile
 import threading
 import time
+import uuid
 from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as futures_wait
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -33,19 +38,40 @@ __all__ = ["JoblibParallelBackend", "LocalHandle"]
 logger = logging.getLogger(__name__)
 
 
+#: numpy arrays at least this large are shared with workers through a file, not pickled.
+SHARE_BY_FILE_BYTES = 1 << 20
+
+
+class _FileBackedArray:
+    """Pickles as "open this file read-only", so a worker maps a large array instead of
+    receiving a copy of it through a pipe (what ``joblib.Parallel`` does with its
+    memmapping, and close to Ray's zero-copy reads: tasks get a read-only array)."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self) -> Tuple[Any, Tuple[Any, ...]]:
+        import numpy
+
+        return numpy.load, (self.path, "r")
+
+
 class LocalHandle:
     """A handle of the joblib backend's in-process object store."""
 
-    __slots__ = ("_future",)
+    __slots__ = ("_future", "_shared")
 
-    def __init__(self, future: Future) -> None:
+    def __init__(self, future: Future, shared: Optional[_FileBackedArray] = None) -> None:
         self._future = future
+        self._shared = shared
 
     @classmethod
-    def of(cls, obj: Any) -> "LocalHandle":
+    def of(cls, obj: Any, shared: Optional[_FileBackedArray] = None) -> "LocalHandle":
         future: Future = Future()
         future.set_result(obj)
-        return cls(future)
+        return cls(future, shared)
 
     def done(self) -> bool:
         """Whether the value is ready."""
@@ -55,6 +81,10 @@ class LocalHandle:
         """The object, waiting for it if a wrapped call is still computing it."""
         return self._future.result(timeout)
 
+    def for_task(self) -> Any:
+        """What a task gets: the object, or a file-backed stand-in for a large array."""
+        return self._shared if self._shared is not None else self.value()
+
     def __repr__(self) -> str:
         return f"LocalHandle({'ready' if self.done() else 'pending'})"
 
@@ -62,9 +92,9 @@ class LocalHandle:
 def _resolve(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
     """Replace handles among a task's arguments by their values."""
     if LocalHandle in map(type, args):
-        args = tuple(a.value() if isinstance(a, LocalHandle) else a for a in args)
+        args = tuple(a.for_task() if isinstance(a, LocalHandle) else a for a in args)
     if kwargs and LocalHandle in map(type, kwargs.values()):
-        kwargs = {k: v.value() if isinstance(v, LocalHandle) else v for k, v in kwargs.items()}
+        kwargs = {k: v.for_task() if isinstance(v, LocalHandle) else v for k, v in kwargs.items()}
     return args, kwargs
 
 
@@ -163,12 +193,29 @@ class JoblibParallelBackend(BaseParallelBackend, name="joblib"):
     def _start(self) -> None:
         self._pool_lock = threading.Lock()
         self._wrap_pool: Optional[ProcessPoolExecutor] = None
+        self._share_dir: Optional[str] = None
 
     def _stop(self) -> None:
         with self._pool_lock:
             pool, self._wrap_pool = self._wrap_pool, None
         if pool is not None:
             pool.shutdown(wait=True)
+        if self._share_dir is not None:
+            shutil.rmtree(self._share_dir, ignore_errors=True)
+            self._share_dir = None
+
+    def _share_by_file(self, obj: Any) -> Optional[_FileBackedArray]:
+        """Write a large numpy array to a file tasks can map; None for anything else."""
+        numpy = sys.modules.get("numpy")
+        if numpy is None or type(obj) is not numpy.ndarray or obj.dtype.hasobject or obj.nbytes < SHARE_BY_FILE_BYTES:
+            return None
+        with self._pool_lock:
+            if self._share_dir is None:
+                shm = "/dev/shm"
+                self._share_dir = tempfile.mkdtemp(prefix="parallel_hydra_", dir=shm if os.path.isdir(shm) else None)
+        path = os.path.join(self._share_dir, f"{uuid.uuid4().hex}.npy")
+        numpy.save(path, obj)
+        return _FileBackedArray(path)
 
     @classmethod
     def _count_slots_unstarted(cls, config: ParallelConfig) -> Optional[int]:
@@ -183,8 +230,10 @@ class JoblibParallelBackend(BaseParallelBackend, name="joblib"):
     # -- object store -------------------------------------------------------------
 
     def put(self, obj: Any) -> LocalHandle:
+        """Keep ``obj`` here; a numpy array of 1 MiB or more is also written to a file
+        (in ``/dev/shm`` where it exists), which tasks map read-only instead of copying."""
         self._check_open()
-        return LocalHandle.of(obj)
+        return LocalHandle.of(obj, self._share_by_file(obj))
 
     def get(self, handles: Any, *, timeout: Optional[float] = None) -> Any:
         end = None if timeout is None else time.monotonic() + timeout
