@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import importlib
 import logging
+import weakref
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from typing import Any, Callable, ClassVar, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
 
 from .config import ParallelConfig, plain
 from .executor import ParallelExecutor, TaskRunner
-from .policy import PolicyLike, as_policy
+from .policy import CancellationPolicy, PolicyLike, as_policy
 
 __all__ = [
     "BaseParallelBackend",
@@ -88,6 +89,7 @@ class BaseParallelBackend(ABC):
     def __init__(self, config: Optional[ConfigLike] = None, **fields: Any) -> None:
         self.config = self._make_config(config, fields)
         self._shut_down = False
+        self._executors: "weakref.WeakSet[ParallelExecutor]" = weakref.WeakSet()
         self._start()
 
     @classmethod
@@ -129,11 +131,15 @@ class BaseParallelBackend(ABC):
     def shutdown(self) -> None:
         """Release the engine: stop what this backend started, leave the rest running.
 
-        Calling it again does nothing.
+        Executors of this backend that are still open are shut down first, with the
+        ``ALL`` policy. Calling it again does nothing.
         """
         if self._shut_down:
             return
         self._shut_down = True
+        # Executors still open would outlive their engine (and wait on it forever).
+        for executor in list(self._executors):
+            executor.shutdown(wait=True, cancel_futures=CancellationPolicy.ALL)
         self._stop()
 
     @property
@@ -190,7 +196,9 @@ class BaseParallelBackend(ABC):
         if cancel_futures is None:
             cancel_futures = (config or self.config).cancel_futures
         policy = as_policy(cancel_futures)
-        return ParallelExecutor(self._task_runner(n), n, policy, self.config.wait_timeout)
+        executor = ParallelExecutor(self._task_runner(n), n, policy, self.config.wait_timeout)
+        self._executors.add(executor)
+        return executor
 
     @abstractmethod
     def _task_runner(self, max_workers: int) -> TaskRunner:

@@ -35,7 +35,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, InvalidStateError
 from concurrent.futures import TimeoutError as FuturesTimeoutError
 from concurrent.futures._base import CANCELLED_AND_NOTIFIED, FINISHED
 from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Mapping, Optional, Set, Tuple
@@ -152,7 +152,10 @@ class TaskFuture(Future):
 
 
 class _Task:
-    __slots__ = ("future", "fn", "args", "kwargs", "options", "token")
+    # ``generation`` counts hand-overs: a report from an earlier one (a task taken back
+    # and handed over again) is ignored. ``stop_pending`` marks a task the RUNNING policy
+    # stopped while the engine had not yet said what its token is.
+    __slots__ = ("future", "fn", "args", "kwargs", "options", "token", "generation", "stop_pending")
 
     def __init__(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any], options: Mapping[str, Any]):
         self.future: TaskFuture = TaskFuture()
@@ -161,6 +164,8 @@ class _Task:
         self.kwargs = kwargs
         self.options = options
         self.token: Any = None
+        self.generation = 0
+        self.stop_pending = False
 
 
 def _run_chunk(fn: Callable[..., Any], chunk: List[Tuple[Any, ...]]) -> List[Outcome]:
@@ -322,37 +327,55 @@ class ParallelExecutor(Executor):
         return ready
 
     def _hand_over(self, tasks: List[_Task]) -> None:
-        for task in tasks:
+        work = deque(tasks)
+        while work:
+            task = work.popleft()
+            task.generation += 1
+            generation = task.generation
             try:
-                task.token = self._runner.start(
-                    task.fn, task.args, task.kwargs, task.options, functools.partial(self._finish, task)
+                token = self._runner.start(
+                    task.fn, task.args, task.kwargs, task.options, functools.partial(self._finish, task, generation)
                 )
-            except BaseException as exc:  # the engine refused the task: report it there
-                self._finish(task, False, exc)
+            except Exception as exc:  # the engine refused the task: report it there
+                work.extend(self._settle(task, generation, False, exc))  # a loop, not recursion
+                continue
+            with self._lock:
+                task.token = token
+                stop_now, task.stop_pending = task.stop_pending, False
+            if stop_now:
+                self._runner.stop([token])
 
-    def _finish(self, task: _Task, ok: bool, value: Any) -> None:
-        """The engine's completion callback for one task."""
+    def _finish(self, task: _Task, generation: int, ok: bool, value: Any) -> None:
+        """The engine's completion callback for one hand-over of one task."""
+        ready = self._settle(task, generation, ok, value)
+        if ready:
+            self._hand_over(ready)
+
+    def _settle(self, task: _Task, generation: int, ok: bool, value: Any) -> List[_Task]:
+        """Complete a task's future; return the tasks its freed slot lets go."""
         with self._lock:
-            if task not in self._in_flight:
-                return  # stopped by the RUNNING policy; its future is settled already
+            if task not in self._in_flight or generation != task.generation:
+                return []  # stopped, taken back, or an earlier hand-over: settled elsewhere
             self._in_flight.discard(task)
-            ready = self._take_ready() if self._queue else None
+            ready = self._take_ready() if self._queue else []
             done = not self._queue and not self._in_flight
             if done:
                 self._idle.notify_all()
             close_now = done and self._shutting_down and not self._closed and self._deferred_close
             if close_now:
                 self._closed = True
-        if ready:
-            self._hand_over(ready)
         task.args = task.kwargs = None  # type: ignore[assignment]  # free memory early
-        if ok:
-            task.future.set_result(value)
-        else:
-            task.future.set_exception(value)
+        try:
+            if ok:
+                task.future.set_result(value)
+            else:
+                task.future.set_exception(value)
+        except InvalidStateError:  # cancelled by its owner meanwhile; nothing to report
+            pass
         if close_now:
             # We may be on the engine's own callback thread, which close() could join.
             threading.Thread(target=self._runner.close, name="parallel_hydra-close", daemon=True).start()
+        return ready
 
     _deferred_close = False
 
@@ -440,12 +463,17 @@ class ParallelExecutor(Executor):
         with self._lock:
             victims = list(self._in_flight)
             self._in_flight.clear()
-        if victims:
-            logger.debug("stopping %d running task(s)", len(victims))
-            self._runner.stop([task.token for task in victims])
+            for task in victims:
+                # A task whose start() has not returned yet is stopped when it does.
+                task.stop_pending = task.token is None
+        tokens = [task.token for task in victims if task.token is not None]
+        if tokens:
+            logger.debug("stopping %d running task(s)", len(tokens))
+            self._runner.stop(tokens)
         for task in victims:
             task.future._cancel_running()
         with self._lock:
+            spared = [task for task in spared if not task.future.done()]  # not cancelled meanwhile
             self._in_flight.update(spared)  # their futures already say running
             ready = spared + self._take_ready()
             if not self._queue and not self._in_flight:

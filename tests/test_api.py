@@ -28,6 +28,7 @@ from parallel_hydra import (
 from parallel_hydra.policy import as_policy
 
 import tasks
+from apps import wait_until
 
 
 def python(code: str, *prefix: str) -> str:
@@ -212,8 +213,24 @@ def test_joblib_shares_large_arrays_by_file_and_removes_the_file() -> None:
     with JoblibParallelBackend(n_cpus=1) as backend:
         handle = backend.put(array)
         assert backend.get(handle) is array  # the caller gets its own object back
-        folder = backend._share_dir
+        folder = backend._shm_dir or backend._share_dir
         assert folder is not None and len(os.listdir(folder)) == 1
         with backend.executor() as executor:
             assert executor.submit(tasks.total, handle).result() == float(array.size)
+            assert executor.submit(tasks.total, backend.put(array)).result() == float(array.size)
+        del handle
+        assert wait_until(lambda: os.listdir(folder) == [], 10), "dropped handles should free their files"
     assert not os.path.exists(folder)
+
+
+def test_shutting_down_a_backend_shuts_down_its_open_executors(tmp_path) -> None:
+    backend = JoblibParallelBackend(n_cpus=1)
+    executor = backend.executor(cancel_futures="NONE")
+    running = executor.submit(tasks.heartbeat, str(tmp_path / "beat"), 60.0)
+    assert wait_until((tmp_path / "beat").exists, 30)
+    started = time.monotonic()
+    backend.shutdown()
+    assert time.monotonic() - started < 30
+    assert running.cancelled()
+    with pytest.raises(RuntimeError, match="shutdown"):
+        executor.submit(tasks.add, 1)

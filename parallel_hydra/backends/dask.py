@@ -21,8 +21,8 @@ import os
 import signal
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from concurrent.futures import CancelledError, ThreadPoolExecutor
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from ..backend import BaseParallelBackend, available_cpus
 from ..config import DaskConfig, DaskTaskOptions, ParallelConfig
@@ -176,6 +176,7 @@ class _DaskRunner(TaskRunner):
         self._client = backend.client
         self._base: Dict[str, Any] = _merge_options(backend.config.task, {})
         self._merged: Dict[int, Tuple[Mapping[str, Any], Dict[str, Any]]] = {}
+        self._withdrawn: Set[Any] = set()
 
     def enforces_bound(self, max_workers: int) -> bool:
         # Only a cluster of fixed size that we started: an external cluster may grow.
@@ -198,11 +199,15 @@ class _DaskRunner(TaskRunner):
         futures = [t for t in tokens if t is not None]
         if not futures:
             return [False] * len(tokens)
+        keys = {f.key for f in futures}
+        # Marked before asking: the cancellation may reach the client before the answer.
+        self._withdrawn.update(keys)
         taken = set(
             self._client.run_on_scheduler(
-                _cancel_on_scheduler, keys=[f.key for f in futures], client_id=self._client.id, only_unstarted=True
+                _cancel_on_scheduler, keys=list(keys), client_id=self._client.id, only_unstarted=True
             )
         )
+        self._withdrawn.difference_update(keys - taken)
         return [t is not None and t.key in taken for t in tokens]
 
     def check_options(self, options: Mapping[str, Any]) -> Dict[str, Any]:
@@ -227,7 +232,17 @@ class _DaskRunner(TaskRunner):
         on_done: DoneCallback,
     ) -> Any:
         future = _submit(self._client, fn, args, kwargs, self._options(options))
-        self._client.loop.add_callback(_watch, self._client, future, on_done, self._backend._dispatch)
+        key = future.key
+
+        def report(ok: bool, value: Any) -> None:
+            # A task we withdrew is cancelled by the scheduler, which tells the client;
+            # the executor must not hear of it (it may even have handed it over again).
+            if not ok and isinstance(value, CancelledError) and key in self._withdrawn:
+                self._withdrawn.discard(key)
+                return
+            on_done(ok, value)
+
+        self._client.loop.add_callback(_watch, self._client, future, report, self._backend._dispatch)
         return future
 
     def stop(self, tokens: List[Any]) -> None:

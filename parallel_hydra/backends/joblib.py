@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 import uuid
+import weakref
 from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as futures_wait
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -42,15 +43,24 @@ logger = logging.getLogger(__name__)
 SHARE_BY_FILE_BYTES = 1 << 20
 
 
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
 class _FileBackedArray:
     """Pickles as "open this file read-only", so a worker maps a large array instead of
     receiving a copy of it through a pipe (what ``joblib.Parallel`` does with its
     memmapping, and close to Ray's zero-copy reads: tasks get a read-only array)."""
 
-    __slots__ = ("path",)
+    __slots__ = ("path", "__weakref__")
 
     def __init__(self, path: str) -> None:
         self.path = path
+        # The file goes when no handle or queued task here refers to it any more.
+        weakref.finalize(self, _remove_quietly, path)
 
     def __reduce__(self) -> Tuple[Any, Tuple[Any, ...]]:
         import numpy
@@ -147,7 +157,10 @@ class _LokyRunner(TaskRunner):
         return True
 
     def withdraw(self, tokens: List[Any]) -> List[bool]:
-        return [token is not None and token.cancel() for token in tokens]
+        # loky's cancel() says True again for a future cancelled before; the lock and the
+        # cancelled() check make sure only one caller takes a task back.
+        with self._lock:
+            return [token is not None and not token.cancelled() and token.cancel() for token in tokens]
 
     def prepare(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
         return _resolve(args, kwargs)
@@ -194,15 +207,17 @@ class JoblibParallelBackend(BaseParallelBackend, name="joblib"):
         self._pool_lock = threading.Lock()
         self._wrap_pool: Optional[ProcessPoolExecutor] = None
         self._share_dir: Optional[str] = None
+        self._shm_dir: Optional[str] = None
 
     def _stop(self) -> None:
         with self._pool_lock:
             pool, self._wrap_pool = self._wrap_pool, None
         if pool is not None:
             pool.shutdown(wait=True)
-        if self._share_dir is not None:
-            shutil.rmtree(self._share_dir, ignore_errors=True)
-            self._share_dir = None
+        for folder in (self._share_dir, self._shm_dir):
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
+        self._share_dir = self._shm_dir = None
 
     def _share_by_file(self, obj: Any) -> Optional[_FileBackedArray]:
         """Write a large numpy array to a file tasks can map; None for anything else."""
@@ -211,9 +226,15 @@ class JoblibParallelBackend(BaseParallelBackend, name="joblib"):
             return None
         with self._pool_lock:
             if self._share_dir is None:
-                shm = "/dev/shm"
-                self._share_dir = tempfile.mkdtemp(prefix="parallel_hydra_", dir=shm if os.path.isdir(shm) else None)
-        path = os.path.join(self._share_dir, f"{uuid.uuid4().hex}.npy")
+                self._share_dir = tempfile.mkdtemp(prefix="parallel_hydra_")
+            folder = self._share_dir
+            shm = "/dev/shm"
+            if os.path.isdir(shm) and shutil.disk_usage(shm).free > 2 * obj.nbytes:
+                # Memory-backed where there is room (containers often have a small one).
+                if self._shm_dir is None:
+                    self._shm_dir = tempfile.mkdtemp(prefix="parallel_hydra_", dir=shm)
+                folder = self._shm_dir
+        path = os.path.join(folder, f"{uuid.uuid4().hex}.npy")
         numpy.save(path, obj)
         return _FileBackedArray(path)
 
@@ -231,7 +252,8 @@ class JoblibParallelBackend(BaseParallelBackend, name="joblib"):
 
     def put(self, obj: Any) -> LocalHandle:
         """Keep ``obj`` here; a numpy array of 1 MiB or more is also written to a file
-        (in ``/dev/shm`` where it exists), which tasks map read-only instead of copying."""
+        (in ``/dev/shm`` where it has room), which tasks map read-only instead of copying.
+        The file is a snapshot taken now, and is removed once nothing refers to it."""
         self._check_open()
         return LocalHandle.of(obj, self._share_by_file(obj))
 

@@ -36,7 +36,7 @@ import socket
 import sys
 import threading
 import time
-import weakref
+from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..backend import BaseParallelBackend, available_cpus
@@ -122,15 +122,18 @@ class _RemoteCache:
     """One Ray remote function per Python function, made once and reused.
 
     ``ray.remote`` pickles and exports a function to the cluster; doing that on every
-    submit would cost far more than a trivial task. The cache is weak so that functions
-    the user drops (lambdas in a loop) do not pile up.
+    submit would cost far more than a trivial task. A remote function holds its Python
+    function, so a weak cache would never drop anything: the cache keeps the most
+    recently used ``MAX_FUNCTIONS`` instead, so that lambdas made in a loop do not pile up.
     """
+
+    MAX_FUNCTIONS = 256
 
     def __init__(self, ray: Any, defaults: Mapping[str, Any]) -> None:
         self._ray = ray
         self._defaults = dict(defaults)
         self._lock = threading.Lock()
-        self._functions: "weakref.WeakKeyDictionary[Callable[..., Any], Any]" = weakref.WeakKeyDictionary()
+        self._functions: "OrderedDict[Callable[..., Any], Any]" = OrderedDict()
         self._trampoline: Any = None
 
     def __len__(self) -> int:
@@ -141,17 +144,15 @@ class _RemoteCache:
         import inspect
 
         if inspect.isfunction(fn):
-            try:
-                return self._functions[fn], False
-            except KeyError:
-                pass
-            except TypeError:  # pragma: no cover - unhashable function object
-                return self._wrapped_trampoline(), True
             with self._lock:
                 remote = self._functions.get(fn)
                 if remote is None:
                     remote = self._ray.remote(**self._defaults)(fn) if self._defaults else self._ray.remote(fn)
                     self._functions[fn] = remote
+                    if len(self._functions) > self.MAX_FUNCTIONS:
+                        self._functions.popitem(last=False)
+                else:
+                    self._functions.move_to_end(fn)
             return remote, False
         return self._wrapped_trampoline(), True
 
