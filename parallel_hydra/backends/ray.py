@@ -56,10 +56,12 @@ _AUTH_MODE_ENV = "RAY_AUTH_MODE"
 #: Seconds stop() waits for force-cancelled tasks to be gone before it gives up.
 _STOP_TIMEOUT = 30.0
 
-# How many live backends share the local runtime that one of them started. The runtime
-# is a per-process singleton, so it is stopped when the last of them shuts down.
+# How many live backends share the Ray session (a local runtime, or a cluster joined by
+# address) that one of them opened. Ray allows one session per process, so it is
+# stopped or disconnected when the last of them shuts down.
 _runtime_lock = threading.Lock()
 _runtime_users = 0
+_session_joined = False  # whether that shared session is a cluster joined by address
 
 
 def _import_ray() -> Any:
@@ -207,7 +209,10 @@ class _RayRunner(TaskRunner):
 
     def enforces_bound(self, max_workers: int) -> bool:
         # True only when the cluster has no room for more than max_workers of our tasks
-        # (with the config's task options), so Ray's own scheduler is the bound.
+        # (with the config's task options), so Ray's own scheduler is the bound. Only a
+        # runtime this process started has a known, fixed size: a cluster may autoscale.
+        if not self._backend._started_runtime and not self._backend._shares_runtime:
+            return False
         slots = self._backend._task_slots(exact=True)
         return slots is not None and slots <= max_workers
 
@@ -331,7 +336,7 @@ class RayParallelBackend(BaseParallelBackend, name="ray"):
     # -- lifecycle ----------------------------------------------------------------
 
     def _start(self) -> None:
-        global _runtime_users
+        global _runtime_users, _session_joined
         ray = self._ray = _import_ray()
         self._started_runtime = False  # this backend ran ray.init for a local runtime
         self._shares_runtime = False  # counted among the users of our local runtime
@@ -342,10 +347,11 @@ class RayParallelBackend(BaseParallelBackend, name="ray"):
         with _runtime_lock:
             if ray.is_initialized():
                 if _runtime_users > 0:
-                    # Another backend of ours started this runtime: share it.
+                    # Another backend of ours started or joined this session: share it.
                     _runtime_users += 1
                     self._shares_runtime = True
-                    logger.info("reusing the local Ray runtime started by another ray backend")
+                    self._joined = _session_joined
+                    logger.info("reusing the Ray session of another ray backend")
                 else:
                     logger.info("Ray is already initialised in this process; using that session (not stopping it at shutdown)")
                 if config.address is not None:
@@ -358,6 +364,9 @@ class RayParallelBackend(BaseParallelBackend, name="ray"):
                 self._shares_runtime = True
             else:
                 self._connect(config.address)
+                _runtime_users += 1
+                self._shares_runtime = True
+            _session_joined = self._joined
         self._remote_cache = _RemoteCache(ray, defaults)
 
     def _init_local(self) -> None:
@@ -454,13 +463,13 @@ class RayParallelBackend(BaseParallelBackend, name="ray"):
                 _runtime_users -= 1
                 if _runtime_users > 0:
                     return
-                # We (or a backend we shared with) started it: stop it.
-                logger.info("stopping the local Ray runtime")
-                ray.shutdown()
-            elif self._joined:
-                # We only joined this cluster: disconnect this driver, the cluster
-                # keeps running (ray.shutdown stops only processes of its own ray.init).
-                logger.info("disconnecting from the Ray cluster at %r", self.config.address)
+                if self._joined:
+                    # We only joined this cluster: disconnect this driver; the cluster
+                    # keeps running (ray.shutdown stops only what its ray.init started).
+                    logger.info("disconnecting from the Ray cluster at %r", self.config.address)
+                else:
+                    # We (or a backend we shared with) started it: stop it.
+                    logger.info("stopping the local Ray runtime")
                 ray.shutdown()
             # Otherwise user code initialised Ray: its session is left alone.
 
