@@ -361,9 +361,6 @@ class ParallelExecutor(Executor):
             done = not self._queue and not self._in_flight
             if done:
                 self._idle.notify_all()
-            close_now = done and self._shutting_down and not self._closed and self._deferred_close
-            if close_now:
-                self._closed = True
         task.args = task.kwargs = None  # type: ignore[assignment]  # free memory early
         try:
             if ok:
@@ -372,9 +369,8 @@ class ParallelExecutor(Executor):
                 task.future.set_exception(value)
         except InvalidStateError:  # cancelled by its owner meanwhile; nothing to report
             pass
-        if close_now:
-            # We may be on the engine's own callback thread, which close() could join.
-            threading.Thread(target=self._runner.close, name="parallel_hydra-close", daemon=True).start()
+        if done and self._deferred_close:
+            self._close_if_finished()
         return ready
 
     _deferred_close = False
@@ -418,11 +414,7 @@ class ParallelExecutor(Executor):
             return
         with self._lock:
             self._deferred_close = True
-            close_now = not self._queue and not self._in_flight and not self._closed
-            if close_now:
-                self._closed = True
-        if close_now:
-            threading.Thread(target=self._runner.close, name="parallel_hydra-close", daemon=True).start()
+        self._close_if_finished()
 
     def _withdraw_task(self, task: _Task) -> bool:
         """Take one task back from the engine's queue (a user's ``future.cancel()``)."""
@@ -435,7 +427,18 @@ class ParallelExecutor(Executor):
             self._in_flight.discard(task)
             if not self._queue and not self._in_flight:
                 self._idle.notify_all()
+        self._close_if_finished()
         return True
+
+    def _close_if_finished(self) -> None:
+        """After ``shutdown(wait=False)``: release the engine once no task is left."""
+        with self._lock:
+            close_now = self._deferred_close and not self._closed and not self._queue and not self._in_flight
+            if close_now:
+                self._closed = True
+        if close_now:
+            # Not in this thread: it may be the engine's callback thread, which close() joins.
+            threading.Thread(target=self._runner.close, name="parallel_hydra-close", daemon=True).start()
 
     def _take_back_from_engine(self) -> List[_Task]:
         """Withdraw from the engine's own queue the tasks no worker has been given."""
@@ -455,6 +458,7 @@ class ParallelExecutor(Executor):
     def _withdraw_queued_in_engine(self) -> None:
         for task in self._take_back_from_engine():
             task.future._cancel_running()
+        self._close_if_finished()
 
     def _stop_in_flight(self) -> None:
         # Tasks still waiting in the engine's own queue are pending, not running: take

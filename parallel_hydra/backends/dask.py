@@ -393,10 +393,14 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
         return total
 
     def _wait_for_workers(self, n: int, timeout: float) -> None:
-        try:
-            self.client.wait_for_workers(n, timeout=timeout)
-        except (TimeoutError, distributed.TimeoutError):
-            logger.warning("Dask: fewer than %d worker(s) connected after %s s", n, timeout)
+        # Our own bounded wait: Client.wait_for_workers on a LocalCluster was seen here to
+        # outlast its timeout by minutes.
+        end = time.monotonic() + timeout
+        while len(self.client.nthreads()) < n:
+            if time.monotonic() > end:
+                logger.warning("Dask: fewer than %d worker(s) connected after %s s", n, timeout)
+                return
+            time.sleep(min(0.1, self.config.wait_timeout))
 
     # -- executors ----------------------------------------------------------------
 
