@@ -41,6 +41,8 @@ _SUBMIT_KEYWORDS = frozenset(
 )
 #: Seconds ``stop`` waits for the nannies to bring killed workers back.
 _RESTART_TIMEOUT = 60.0
+#: Seconds after which ``stop`` restarts killed workers itself if their nannies did not.
+_NUDGE_AFTER = 10.0
 
 
 def _import_engine() -> Any:
@@ -478,14 +480,38 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
         """Wait, boundedly, until the scheduler dropped ``killed`` and has all workers again."""
         assert self._layout is not None
         expected = self._layout[0]
-        end = time.monotonic() + _RESTART_TIMEOUT
+        start = time.monotonic()
+        end = start + _RESTART_TIMEOUT
+        nudge_at = start + _NUDGE_AFTER
         gone = set(killed)
         while time.monotonic() < end:
             workers = self.client.scheduler_info(n_workers=-1)["workers"]
             if gone.isdisjoint(workers) and len(workers) >= expected:
                 return
+            if time.monotonic() > nudge_at:
+                nudge_at = end
+                self._restart_dead_workers()
             time.sleep(0.05)
         logger.warning("Dask: the cluster did not get %d worker(s) back within %s s", expected, _RESTART_TIMEOUT)
+
+    def _restart_dead_workers(self) -> None:
+        """Ask each nanny whose worker process is gone to start a new one.
+
+        A nanny restarts a worker that died on its own at once; seen here a few times in
+        a hundred, it did not, and the cluster stayed a worker short.
+        """
+        cluster = self.cluster
+        if cluster is None:
+            return
+        for name, nanny in list(getattr(cluster, "workers", {}).items()):
+            process = getattr(getattr(nanny, "process", None), "process", None)
+            if process is not None and process.is_alive():
+                continue
+            logger.warning("Dask: worker %s was not restarted by its nanny; restarting it", name)
+            try:
+                cluster.sync(nanny.restart, timeout=30)
+            except Exception as exc:  # report, and let the bounded wait go on
+                logger.warning("Dask: could not restart worker %s: %s", name, exc)
 
     # -- object store -------------------------------------------------------------
 
