@@ -143,7 +143,7 @@ def test_effective_n_jobs_is_the_thread_total_capped_by_n_cpus(dask_backend: Das
 
 def test_running_policy_kills_the_work_on_an_owned_cluster(dask_backend: DaskParallelBackend, tmp_path: Path) -> None:
     beat = tmp_path / "beat"
-    pids_before = set(dask_backend._worker_pids().values())
+    pids_before = set(dask_backend.client.run(os.getpid).values())
     executor = dask_backend.executor(cancel_futures=CancellationPolicy.RUNNING)
     future = executor.submit(tasks.heartbeat, str(beat), 60.0)
     wait_for_path(beat)
@@ -153,12 +153,36 @@ def test_running_policy_kills_the_work_on_an_owned_cluster(dask_backend: DaskPar
     assert future.cancelled()
     # The worker running it was killed (and not re-run elsewhere): the beat has stopped.
     assert not beats_after(beat, 1.5)
-    pids_after = set(dask_backend._worker_pids().values())
+    pids_after = set(dask_backend.client.run(os.getpid).values())
     assert len(pids_before - pids_after) == 1 and len(pids_after) == 2
     # The backend goes on working, with all its workers back.
     assert dask_backend.effective_n_jobs(-1) == 2
     with dask_backend.executor() as executor:
         assert executor.submit(tasks.add, 1, 2).result(timeout=60) == 3
+
+
+def test_repeated_kills_leave_the_owned_cluster_whole(tmp_path: Path) -> None:
+    # A LocalCluster closes for good the nanny of a worker that is not back when it
+    # checks, lost-worker-timeout after the worker left. With that timeout at 0 s every
+    # kill is checked while its worker is still down: the cluster must stay whole anyway,
+    # and each round's two long tasks must start together on its two workers.
+    import dask
+
+    with dask.config.set({"distributed.deploy.lost-worker-timeout": "0s"}):
+        with DaskParallelBackend(n_cpus=2) as backend:
+            for round_ in range(3):
+                beats = [tmp_path / f"beat{round_}_{i}" for i in range(2)]
+                with backend.executor(max_workers=2, cancel_futures=CancellationPolicy.ALL) as executor:
+                    for beat in beats:
+                        executor.submit(tasks.heartbeat, str(beat), 60.0)
+                    for beat in beats:
+                        wait_for_path(beat)
+                assert len(backend.client.nthreads()) == 2, f"a worker is missing after round {round_}"
+            time.sleep(1.0)  # the cluster's own checks of the last kills have run
+            assert backend.effective_n_jobs(-1) == 2
+            assert len(backend.cluster.workers) == 2
+            with backend.executor() as executor:
+                assert list(executor.map(tasks.add, [1, 2], [3, 4])) == [4, 6]
 
 
 def test_running_policy_only_cancels_on_a_cluster_it_did_not_start(

@@ -41,8 +41,6 @@ _SUBMIT_KEYWORDS = frozenset(
 )
 #: Seconds ``stop`` waits for the nannies to bring killed workers back.
 _RESTART_TIMEOUT = 60.0
-#: Seconds after which ``stop`` restarts killed workers itself if their nannies did not.
-_NUDGE_AFTER = 10.0
 
 
 def _import_engine() -> Any:
@@ -58,6 +56,26 @@ def _import_engine() -> Any:
 
 
 distributed = _import_engine()
+from distributed.deploy.cluster import Cluster as _Cluster  # noqa: E402
+
+
+class _OwnedLocalCluster(distributed.LocalCluster):  # type: ignore[misc]
+    """A ``LocalCluster`` that keeps its nannies when their workers die.
+
+    A ``SpecCluster`` checks each worker that left the scheduler again 15 s later
+    (``distributed.deploy.lost-worker-timeout``) and closes its nanny for good if no
+    worker of that name is registered at that instant. Our nannies restart dead workers
+    at once, but the ``RUNNING`` policy kills workers on purpose: when a later kill had
+    the worker down at the moment of that check, the cluster dropped it and stayed a
+    worker short (seen here: every worker gone after a run of kills). The nanny is the
+    one that restarts workers here, so the check is skipped.
+    """
+
+    def _update_worker_status(self, op: str, msg: Any) -> None:
+        if op == "remove":
+            _Cluster._update_worker_status(self, op, msg)
+        else:
+            super()._update_worker_status(op, msg)
 
 
 def _apply(fn: Callable[..., Any], args: List[Any], kwargs: Dict[str, Any]) -> Any:
@@ -150,24 +168,35 @@ async def _watch(client: Any, future: Any, on_done: DoneCallback, dispatch: Thre
 _UNSTARTED_STATES = frozenset({"released", "waiting", "queued", "no-worker"})
 
 
-def _cancel_on_scheduler(dask_scheduler: Any, keys: List[Any], client_id: str, only_unstarted: bool) -> List[Any]:
-    """On the scheduler: cancel ``keys`` (or those no worker has yet); return them.
+def _cancel_on_scheduler(dask_scheduler: Any, keys: List[Any], client_id: str, only_unstarted: bool) -> Dict[str, Any]:
+    """On the scheduler: cancel ``keys`` (or those no worker has yet); say what it did.
 
-    Run through ``Client.run_on_scheduler``, this is done when the call returns, unlike
-    ``Client.cancel``, whose message may still be on its way when we kill a worker: the
-    scheduler would then run the task again elsewhere. Checking and cancelling in one
-    step also means no task moves to a worker in between.
+    Returns ``{"cancelled": keys cancelled, "workers": {address: pid}}``, the workers
+    that held a cancelled task. Run through ``Client.run_on_scheduler``, this is done
+    when the call returns, unlike ``Client.cancel``, whose message may still be on its
+    way when we kill a worker: the scheduler would then run the task again elsewhere.
+    Checking and cancelling in one step also means no task moves to a worker in
+    between, and the workers named are the ones that hold the tasks at that moment.
     """
-    unstarted = []
+    cancelled: List[Any] = []
+    workers: Dict[str, Any] = {}
     for key in keys:
         task = dask_scheduler.tasks.get(key)
-        if task is not None and (task.state in _UNSTARTED_STATES or not only_unstarted):
-            unstarted.append(key)
-    if unstarted:
+        if task is None or (only_unstarted and task.state not in _UNSTARTED_STATES):
+            continue
+        cancelled.append(key)
+        if task.processing_on is not None:
+            workers[task.processing_on.address] = task.processing_on.pid
+    if cancelled:
         dask_scheduler.stimulus_cancel(
-            unstarted, client=client_id, force=False, reason="withdrawn by parallel_hydra", msg="not started"
+            cancelled, client=client_id, force=False, reason="withdrawn by parallel_hydra", msg="not started"
         )
-    return unstarted
+    return {"cancelled": cancelled, "workers": workers}
+
+
+def _running_worker_pids(dask_scheduler: Any) -> Dict[str, Any]:
+    """On the scheduler: address -> PID of each worker it gives tasks to."""
+    return {address: ws.pid for address, ws in dask_scheduler.workers.items() if ws.status.name == "running"}
 
 
 class _DaskRunner(TaskRunner):
@@ -181,8 +210,10 @@ class _DaskRunner(TaskRunner):
         self._withdrawn: Set[Any] = set()
 
     def enforces_bound(self, max_workers: int) -> bool:
-        # Only a cluster of fixed size that we started: an external cluster may grow.
-        return self._backend.owns_cluster and self._backend._thread_total() <= max_workers
+        # Only a cluster of fixed size that we started (an external cluster may grow),
+        # judged by its full size: some of its workers may be restarting just now.
+        layout = self._backend._layout
+        return self._backend.owns_cluster and layout is not None and layout[0] * layout[1] <= max_workers
 
     def keeps_own_queue(self, max_workers: int) -> bool:
         # The scheduler queues tasks itself (worker-saturation) and gives each worker
@@ -207,7 +238,7 @@ class _DaskRunner(TaskRunner):
         taken = set(
             self._client.run_on_scheduler(
                 _cancel_on_scheduler, keys=list(keys), client_id=self._client.id, only_unstarted=True
-            )
+            )["cancelled"]
         )
         self._withdrawn.difference_update(keys - taken)
         return [t is not None and t.key in taken for t in tokens]
@@ -295,6 +326,7 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
         self._dispatch = ThreadPoolExecutor(1, thread_name_prefix="parallel_hydra-dask")
         self._stop_lock = threading.Lock()
         self._layout: Optional[Tuple[int, int]] = None
+        self._dropped: Set[Any] = set()
         # The engine's loggers follow logging_level, whatever the app's root logger says
         # (Hydra apps log INFO by default).
         logging.getLogger("distributed").setLevel(self.config.logging_level)
@@ -324,7 +356,7 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
         if config.local_directory is not None:
             kwargs["local_directory"] = config.local_directory
         logger.info("starting Dask: distributed.LocalCluster(%s)", ", ".join(f"{k}={v!r}" for k, v in kwargs.items()))
-        cluster = distributed.LocalCluster(**kwargs)
+        cluster = _OwnedLocalCluster(**kwargs)
         try:
             self.client = distributed.Client(cluster, timeout=config.connect_timeout)
         except BaseException:
@@ -382,11 +414,8 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
         return int(sum(self.client.nthreads().values()))
 
     def _count_slots(self) -> int:
+        self._await_whole_cluster()
         total = self._thread_total()
-        if self._layout is not None and total < self._layout[0] * self._layout[1]:
-            # Some workers of our cluster are (re)starting: wait for them a bounded time.
-            self._wait_for_workers(self._layout[0], _RESTART_TIMEOUT)
-            total = self._thread_total()
         if total == 0:
             self._wait_for_workers(1, self.config.connect_timeout)
             total = self._thread_total()
@@ -394,11 +423,34 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
             raise RuntimeError(f"the Dask cluster at {self.client.scheduler.address} has no worker threads")
         return total
 
+    def _await_whole_cluster(self) -> None:
+        """On a cluster we started, wait (boundedly) until all its workers are connected.
+
+        Workers are missing for a moment after a ``RUNNING`` kill. Tasks handed to Dask
+        then would all queue on the workers present, behind one another, while the
+        restarted workers got later tasks.
+        """
+        if self._layout is not None and len(self._running_workers()) < self._layout[0]:
+            self._wait_for_workers(self._layout[0], _RESTART_TIMEOUT)
+
+    def _running_workers(self) -> Dict[str, Any]:
+        """Address -> PID of each worker that the scheduler gives tasks to now.
+
+        A worker registers first and says it is running a moment later; in between, it
+        is listed (``Client.nthreads``) but gets no tasks, and tasks handed over then
+        pile up on the others.
+        """
+        if self.owns_cluster:  # our scheduler can run our code; another may lack this package
+            return dict(self.client.run_on_scheduler(_running_worker_pids))
+        workers = self.client.scheduler_info(n_workers=-1)["workers"]
+        return {address: None for address, info in workers.items() if info.get("status", "running") == "running"}
+
     def _wait_for_workers(self, n: int, timeout: float) -> None:
-        # Our own bounded wait: Client.wait_for_workers on a LocalCluster was seen here to
-        # outlast its timeout by minutes.
+        # Our own bounded loop, which also restarts workers the cluster dropped (see
+        # _restore_dropped_workers); Client.wait_for_workers does neither.
         end = time.monotonic() + timeout
-        while len(self.client.nthreads()) < n:
+        while len(self._running_workers()) < n:
+            self._restore_dropped_workers()
             if time.monotonic() > end:
                 logger.warning("Dask: fewer than %d worker(s) connected after %s s", n, timeout)
                 return
@@ -407,6 +459,7 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
     # -- executors ----------------------------------------------------------------
 
     def _task_runner(self, max_workers: int) -> TaskRunner:
+        self._await_whole_cluster()
         return _DaskRunner(self)
 
     def _stop_futures(self, futures: List[Any]) -> None:
@@ -427,29 +480,16 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
             self.client.cancel(futures, force=True)
             return
         with self._stop_lock:
-            keys = {f.key for f in futures if not f.done()}
-            processing = self.client.processing() if keys else {}
-            victims = sorted(addr for addr, running in processing.items() if keys.intersection(running))
-            pids = self._worker_pids() if victims else {}
             # Cancel first, and wait until the scheduler has: it then forgets the tasks, and
             # will not run them again elsewhere when their workers die.
-            self.client.run_on_scheduler(
+            done = self.client.run_on_scheduler(
                 _cancel_on_scheduler, keys=[f.key for f in futures], client_id=self.client.id, only_unstarted=False
             )
             self.client.cancel(futures, force=True)
-            killed = [addr for addr in victims if self._kill_worker(addr, pids.get(addr))]
+            killed = {addr: pid for addr, pid in sorted(done["workers"].items()) if self._kill_worker(addr, pid)}
             if killed:
-                logger.info("Dask: killed worker(s) %s to stop %d running task(s)", ", ".join(killed), len(keys))
+                logger.info("Dask: killed worker(s) %s to stop %d task(s)", ", ".join(killed), len(done["cancelled"]))
                 self._await_restart(killed)
-
-    def _worker_pids(self) -> Dict[str, Optional[int]]:
-        """Worker address -> PID of its process, from the nannies of our ``LocalCluster``."""
-        pids: Dict[str, Optional[int]] = {}
-        for nanny in list(getattr(self.cluster, "workers", {}).values()):
-            address = getattr(nanny, "worker_address", None)
-            if address:
-                pids[address] = getattr(nanny, "pid", None)
-        return pids
 
     def _kill_worker(self, address: str, pid: Optional[int]) -> bool:
         """Kill the worker process ``pid``, if it is one that this process started."""
@@ -465,53 +505,64 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
             logger.warning("Dask: worker %s (pid %s) is not a process of this backend; not killing it", address, pid)
             return False
         try:
+            process = psutil.Process(pid)
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
+        except (ProcessLookupError, psutil.NoSuchProcess):
             return False
-        try:
-            psutil.Process(pid).wait(timeout=10)
-        except psutil.NoSuchProcess:
-            pass
-        except psutil.TimeoutExpired:  # pragma: no cover
+        # Wait until it is dead, without reaping it: the nanny's own watcher must see its
+        # exit code (``Process.wait`` would reap our child and leave the nanny guessing).
+        end = time.monotonic() + 10
+        while time.monotonic() < end:
+            try:
+                if process.status() == psutil.STATUS_ZOMBIE:
+                    break
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.005)
+        else:  # pragma: no cover
             logger.warning("Dask: worker %s (pid %s) did not exit after SIGKILL", address, pid)
         return True
 
-    def _await_restart(self, killed: List[str]) -> None:
-        """Wait, boundedly, until the scheduler dropped ``killed`` and has all workers again."""
+    def _await_restart(self, killed: Dict[str, Any]) -> None:
+        """Wait, boundedly, until the scheduler dropped ``killed`` (address -> PID) and has
+        all workers running again."""
         assert self._layout is not None
         expected = self._layout[0]
-        start = time.monotonic()
-        end = start + _RESTART_TIMEOUT
-        nudge_at = start + _NUDGE_AFTER
-        gone = set(killed)
+        end = time.monotonic() + _RESTART_TIMEOUT
         while time.monotonic() < end:
-            workers = self.client.scheduler_info(n_workers=-1)["workers"]
-            if gone.isdisjoint(workers) and len(workers) >= expected:
+            running = self._running_workers()
+            # By PID too: a new worker may get the port of the one it replaces.
+            if all(running.get(address) != pid for address, pid in killed.items()) and len(running) >= expected:
                 return
-            if time.monotonic() > nudge_at:
-                nudge_at = end
-                self._restart_dead_workers()
+            self._restore_dropped_workers()
             time.sleep(0.05)
-        logger.warning("Dask: the cluster did not get %d worker(s) back within %s s", expected, _RESTART_TIMEOUT)
+        logger.warning(
+            "Dask: the cluster did not get %d worker(s) back within %s s (killed: %s; running: %s)",
+            expected,
+            _RESTART_TIMEOUT,
+            ", ".join(f"{address} pid {pid}" for address, pid in killed.items()),
+            ", ".join(f"{address} pid {pid}" for address, pid in self._running_workers().items()) or "none",
+        )
 
-    def _restart_dead_workers(self) -> None:
-        """Ask each nanny whose worker process is gone to start a new one.
+    def _restore_dropped_workers(self) -> None:
+        """Start again any worker whose nanny the cluster closed (a safety net).
 
-        A nanny restarts a worker that died on its own at once; seen here a few times in
-        a hundred, it did not, and the cluster stayed a worker short.
+        ``_OwnedLocalCluster`` keeps the cluster from dropping nannies; should a Dask
+        release drop one anyway, scaling the cluster to its own size starts it again.
         """
         cluster = self.cluster
-        if cluster is None:
+        if cluster is None or cluster.status.name not in ("created", "running"):
             return
-        for name, nanny in list(getattr(cluster, "workers", {}).items()):
-            process = getattr(getattr(nanny, "process", None), "process", None)
-            if process is not None and process.is_alive():
-                continue
-            logger.warning("Dask: worker %s was not restarted by its nanny; restarting it", name)
-            try:
-                cluster.sync(nanny.restart, timeout=30)
-            except Exception as exc:  # report, and let the bounded wait go on
-                logger.warning("Dask: could not restart worker %s: %s", name, exc)
+        dropped = set(cluster.worker_spec) - set(cluster.workers)
+        if not dropped:
+            return
+        if dropped != self._dropped:
+            logger.warning("Dask: restarting worker(s) %s, which the cluster dropped", ", ".join(sorted(map(str, dropped))))
+        self._dropped = dropped
+        try:
+            cluster.scale(len(cluster.worker_spec))
+        except Exception as exc:  # the bounded waits report a short cluster anyway
+            logger.warning("Dask: could not restart dropped worker(s): %s", exc)
 
     # -- object store -------------------------------------------------------------
 
