@@ -56,10 +56,11 @@ def _import_engine() -> Any:
 
 
 distributed = _import_engine()
+from distributed import LocalCluster as _LocalCluster  # noqa: E402
 from distributed.deploy.cluster import Cluster as _Cluster  # noqa: E402
 
 
-class _OwnedLocalCluster(distributed.LocalCluster):  # type: ignore[misc]
+class _OwnedLocalCluster(_LocalCluster):
     """A ``LocalCluster`` that keeps its nannies when their workers die.
 
     A ``SpecCluster`` checks each worker that left the scheduler again 15 s later
