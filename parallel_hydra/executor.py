@@ -402,7 +402,7 @@ class ParallelExecutor(Executor):
         if CancellationPolicy.PENDING in policy and self._limit == math.inf:
             self._withdraw_queued_in_engine()
         if CancellationPolicy.RUNNING in policy:
-            self._stop_in_flight()
+            self._stop_in_flight(keep_pending=CancellationPolicy.PENDING not in policy)
         if wait:
             with self._lock:
                 while self._queue or self._in_flight:
@@ -460,10 +460,15 @@ class ParallelExecutor(Executor):
             task.future._cancel_running()
         self._close_if_finished()
 
-    def _stop_in_flight(self) -> None:
+    def _stop_in_flight(self, keep_pending: bool) -> None:
         # Tasks still waiting in the engine's own queue are pending, not running: take
-        # them back first, and hand them over again once the running ones are stopped.
+        # them back first, and (unless pending tasks are cancelled too) hand them over
+        # again once the running ones are stopped.
         spared = self._take_back_from_engine() if self._limit == math.inf else []
+        if not keep_pending:
+            for task in spared:
+                task.future._cancel_running()
+            spared = []
         with self._lock:
             victims = list(self._in_flight)
             self._in_flight.clear()

@@ -198,6 +198,20 @@ def test_policy_all_returns_promptly_and_the_backend_stays_usable(backend: BaseP
         assert executor.submit(tasks.add, 20, 22).result(timeout=60) == 42
 
 
+def test_policy_all_right_after_submitting_leaves_nothing_running(backend: BaseParallelBackend, tmp_path: Path) -> None:
+    # Leaving at once: some tasks may not even have reached the engine yet (on Dask, the
+    # scheduler hears of a submit a moment later). None may start later, nor run on.
+    started = time.monotonic()
+    with backend.executor(max_workers=2, cancel_futures=CancellationPolicy.ALL) as executor:
+        futures = [executor.submit(tasks.heartbeat, str(tmp_path / f"beat{i}"), 60.0) for i in range(12)]
+    assert time.monotonic() - started < 30, "exit with ALL did not return promptly"
+    assert all(f.cancelled() for f in futures)
+    time.sleep(1.0)  # a task handed over again by mistake would have started by now
+    beating = [p.name for p in tmp_path.glob("beat*") if beats_after(p, 0.5)]
+    assert not beating, f"cancelled tasks are running: {beating}"
+    assert len(list(tmp_path.glob("beat*"))) <= 4, "more tasks started than max_workers plus those handed ahead"
+
+
 def test_shutdown_takes_a_policy_of_its_own(backend: BaseParallelBackend, tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     executor = backend.executor(max_workers=1, cancel_futures=CancellationPolicy.NONE)

@@ -41,6 +41,8 @@ _SUBMIT_KEYWORDS = frozenset(
 )
 #: Seconds ``stop`` waits for the nannies to bring killed workers back.
 _RESTART_TIMEOUT = 60.0
+#: Seconds a cancel waits for the scheduler to hear of a task just submitted.
+_ARRIVAL_TIMEOUT = 10.0
 
 
 def _import_engine() -> Any:
@@ -172,18 +174,22 @@ _UNSTARTED_STATES = frozenset({"released", "waiting", "queued", "no-worker"})
 def _cancel_on_scheduler(dask_scheduler: Any, keys: List[Any], client_id: str, only_unstarted: bool) -> Dict[str, Any]:
     """On the scheduler: cancel ``keys`` (or those no worker has yet); say what it did.
 
-    Returns ``{"cancelled": keys cancelled, "workers": {address: pid}}``, the workers
-    that held a cancelled task. Run through ``Client.run_on_scheduler``, this is done
+    Returns ``{"cancelled": keys cancelled, "workers": {address: pid}, "unknown": keys}``:
+    the workers that held a cancelled task, and the keys the scheduler has not heard of. Run through ``Client.run_on_scheduler``, this is done
     when the call returns, unlike ``Client.cancel``, whose message may still be on its
     way when we kill a worker: the scheduler would then run the task again elsewhere.
     Checking and cancelling in one step also means no task moves to a worker in
     between, and the workers named are the ones that hold the tasks at that moment.
     """
     cancelled: List[Any] = []
+    unknown: List[Any] = []
     workers: Dict[str, Any] = {}
     for key in keys:
         task = dask_scheduler.tasks.get(key)
-        if task is None or (only_unstarted and task.state not in _UNSTARTED_STATES):
+        if task is None:
+            unknown.append(key)
+            continue
+        if only_unstarted and task.state not in _UNSTARTED_STATES:
             continue
         cancelled.append(key)
         if task.processing_on is not None:
@@ -192,7 +198,7 @@ def _cancel_on_scheduler(dask_scheduler: Any, keys: List[Any], client_id: str, o
         dask_scheduler.stimulus_cancel(
             cancelled, client=client_id, force=False, reason="withdrawn by parallel_hydra", msg="not started"
         )
-    return {"cancelled": cancelled, "workers": workers}
+    return {"cancelled": cancelled, "workers": workers, "unknown": unknown}
 
 
 def _running_worker_pids(dask_scheduler: Any) -> Dict[str, Any]:
@@ -236,11 +242,7 @@ class _DaskRunner(TaskRunner):
         keys = {f.key for f in futures}
         # Marked before asking: the cancellation may reach the client before the answer.
         self._withdrawn.update(keys)
-        taken = set(
-            self._client.run_on_scheduler(
-                _cancel_on_scheduler, keys=list(keys), client_id=self._client.id, only_unstarted=True
-            )["cancelled"]
-        )
+        taken = set(self._backend._cancel_on_scheduler(futures, only_unstarted=True)["cancelled"])
         self._withdrawn.difference_update(keys - taken)
         return [t is not None and t.key in taken for t in tokens]
 
@@ -483,14 +485,37 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
         with self._stop_lock:
             # Cancel first, and wait until the scheduler has: it then forgets the tasks, and
             # will not run them again elsewhere when their workers die.
-            done = self.client.run_on_scheduler(
-                _cancel_on_scheduler, keys=[f.key for f in futures], client_id=self.client.id, only_unstarted=False
-            )
+            done = self._cancel_on_scheduler(futures, only_unstarted=False)
             self.client.cancel(futures, force=True)
             killed = {addr: pid for addr, pid in sorted(done["workers"].items()) if self._kill_worker(addr, pid)}
             if killed:
                 logger.info("Dask: killed worker(s) %s to stop %d task(s)", ", ".join(killed), len(done["cancelled"]))
                 self._await_restart(killed)
+
+    def _cancel_on_scheduler(self, futures: List[Any], only_unstarted: bool) -> Dict[str, Any]:
+        """Cancel ``futures`` on the scheduler (see :func:`_cancel_on_scheduler`).
+
+        A task submitted a moment ago may not have reached the scheduler yet: the submit
+        travels on the client's batched stream, this call on another connection. The
+        scheduler would then cancel nothing, and run the task when it arrives; so keys
+        it does not know yet are asked about again until it does (boundedly).
+        """
+        result: Dict[str, Any] = {"cancelled": [], "workers": {}}
+        asking = [f.key for f in futures if not f.cancelled()]
+        end = time.monotonic() + _ARRIVAL_TIMEOUT
+        while asking:
+            done = self.client.run_on_scheduler(
+                _cancel_on_scheduler, keys=asking, client_id=self.client.id, only_unstarted=only_unstarted
+            )
+            result["cancelled"].extend(done["cancelled"])
+            result["workers"].update(done["workers"])
+            asking = done["unknown"]
+            if asking and time.monotonic() > end:
+                logger.warning("Dask: the scheduler never heard of %d submitted task(s); not cancelled there", len(asking))
+                break
+            if asking:
+                time.sleep(0.005)
+        return result
 
     def _kill_worker(self, address: str, pid: Optional[int]) -> bool:
         """Kill the worker process ``pid``, if it is one that this process started."""
