@@ -242,7 +242,7 @@ class _DaskRunner(TaskRunner):
         keys = {f.key for f in futures}
         # Marked before asking: the cancellation may reach the client before the answer.
         self._withdrawn.update(keys)
-        taken = set(self._backend._cancel_on_scheduler(futures, only_unstarted=True)["cancelled"])
+        taken = set(self._backend._cancel_when_known(futures, only_unstarted=True)["cancelled"])
         self._withdrawn.difference_update(keys - taken)
         return [t is not None and t.key in taken for t in tokens]
 
@@ -485,14 +485,14 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
         with self._stop_lock:
             # Cancel first, and wait until the scheduler has: it then forgets the tasks, and
             # will not run them again elsewhere when their workers die.
-            done = self._cancel_on_scheduler(futures, only_unstarted=False)
+            done = self._cancel_when_known(futures, only_unstarted=False)
             self.client.cancel(futures, force=True)
             killed = {addr: pid for addr, pid in sorted(done["workers"].items()) if self._kill_worker(addr, pid)}
             if killed:
                 logger.info("Dask: killed worker(s) %s to stop %d task(s)", ", ".join(killed), len(done["cancelled"]))
                 self._await_restart(killed)
 
-    def _cancel_on_scheduler(self, futures: List[Any], only_unstarted: bool) -> Dict[str, Any]:
+    def _cancel_when_known(self, futures: List[Any], only_unstarted: bool) -> Dict[str, Any]:
         """Cancel ``futures`` on the scheduler (see :func:`_cancel_on_scheduler`).
 
         A task submitted a moment ago may not have reached the scheduler yet: the submit
