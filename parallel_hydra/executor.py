@@ -478,7 +478,10 @@ class ParallelExecutor(Executor):
         tokens = [task.token for task in victims if task.token is not None]
         if tokens:
             logger.debug("stopping %d running task(s)", len(tokens))
-            self._runner.stop(tokens)
+            try:
+                self._runner.stop(tokens)
+            except Exception:  # the futures below are cancelled all the same: no caller waits forever
+                logger.exception("the engine failed to stop %d running task(s); they may run on", len(tokens))
         for task in victims:
             task.future._cancel_running()
         with self._lock:

@@ -22,7 +22,7 @@ import psutil
 import pytest
 
 import tasks
-from apps import beats_after, leftovers, wait_for_path
+from apps import beats_after, leftovers, wait_for_path, wait_until
 from dask_support import DaskTestCluster
 from parallel_hydra import CancellationPolicy, DaskConfig, effective_n_jobs
 from parallel_hydra.backends.dask import DaskParallelBackend
@@ -161,13 +161,15 @@ def test_running_policy_kills_the_work_on_an_owned_cluster(dask_backend: DaskPar
         assert executor.submit(tasks.add, 1, 2).result(timeout=60) == 3
 
 
-def test_repeated_kills_leave_the_owned_cluster_whole(tmp_path: Path) -> None:
+def test_repeated_kills_leave_the_owned_cluster_whole(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     # A LocalCluster closes for good the nanny of a worker that is not back when it
     # checks, lost-worker-timeout after the worker left. With that timeout at 0 s every
-    # kill is checked while its worker is still down: the cluster must stay whole anyway,
-    # and each round's two long tasks must start together on its two workers.
+    # kill is checked while its worker is still down: the cluster must keep its nannies
+    # (no drop for the safety net to repair), and each round's two long tasks must start
+    # together on its two workers.
     import dask
 
+    caplog.set_level(logging.WARNING, logger="parallel_hydra")
     with dask.config.set({"distributed.deploy.lost-worker-timeout": "0s"}):
         with DaskParallelBackend(n_cpus=2) as backend:
             for round_ in range(3):
@@ -183,6 +185,25 @@ def test_repeated_kills_leave_the_owned_cluster_whole(tmp_path: Path) -> None:
             assert len(backend.cluster.workers) == 2
             with backend.executor() as executor:
                 assert list(executor.map(tasks.add, [1, 2], [3, 4])) == [4, 6]
+    assert "dropped" not in caplog.text
+
+
+def test_a_worker_the_cluster_dropped_is_started_again(caplog: pytest.LogCaptureFixture) -> None:
+    # The safety net: should a Dask release close a nanny of our cluster anyway (as a
+    # plain LocalCluster does for a worker it thinks lost), the backend starts it again
+    # when it next needs the whole cluster, instead of running a worker short.
+    caplog.set_level(logging.WARNING, logger="parallel_hydra")
+    with DaskParallelBackend(n_cpus=2) as backend:
+        cluster = backend.cluster
+        name = next(iter(cluster.workers))
+        cluster.sync(cluster.workers[name].close)  # what LocalCluster does to a lost worker
+        del cluster.workers[name]
+        assert wait_until(lambda: len(backend.client.nthreads()) == 1, 30)
+        assert backend.effective_n_jobs(-1) == 2  # waits for the worker started again
+        assert wait_until(lambda: len(cluster.workers) == 2, 30)  # its nanny is listed once started
+        assert "which the cluster dropped" in caplog.text
+        with backend.executor() as executor:
+            assert list(executor.map(tasks.add, [1, 2], [3, 4])) == [4, 6]
 
 
 def test_running_policy_only_cancels_on_a_cluster_it_did_not_start(

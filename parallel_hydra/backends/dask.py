@@ -201,9 +201,15 @@ def _cancel_on_scheduler(dask_scheduler: Any, keys: List[Any], client_id: str, o
     return {"cancelled": cancelled, "workers": workers, "unknown": unknown}
 
 
-def _running_worker_pids(dask_scheduler: Any) -> Dict[str, Any]:
-    """On the scheduler: address -> PID of each worker it gives tasks to."""
-    return {address: ws.pid for address, ws in dask_scheduler.workers.items() if ws.status.name == "running"}
+#: Worker states of a worker that has joined: ``running``, or ``paused`` by memory
+#: pressure (it takes tasks again when memory frees). Not ``init`` (registered, not yet
+#: taking tasks) nor any ``closing`` state.
+_JOINED_STATES = frozenset({"running", "paused"})
+
+
+def _joined_worker_pids(dask_scheduler: Any) -> Dict[str, Any]:
+    """On the scheduler: address -> PID of each worker that has joined."""
+    return {address: ws.pid for address, ws in dask_scheduler.workers.items() if ws.status.name in _JOINED_STATES}
 
 
 class _DaskRunner(TaskRunner):
@@ -433,26 +439,26 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
         then would all queue on the workers present, behind one another, while the
         restarted workers got later tasks.
         """
-        if self._layout is not None and len(self._running_workers()) < self._layout[0]:
+        if self._layout is not None and len(self._joined_workers()) < self._layout[0]:
             self._wait_for_workers(self._layout[0], _RESTART_TIMEOUT)
 
-    def _running_workers(self) -> Dict[str, Any]:
-        """Address -> PID of each worker that the scheduler gives tasks to now.
+    def _joined_workers(self) -> Dict[str, Any]:
+        """Address -> PID of each worker that has joined (see ``_JOINED_STATES``).
 
         A worker registers first and says it is running a moment later; in between, it
         is listed (``Client.nthreads``) but gets no tasks, and tasks handed over then
         pile up on the others.
         """
         if self.owns_cluster:  # our scheduler can run our code; another may lack this package
-            return dict(self.client.run_on_scheduler(_running_worker_pids))
+            return dict(self.client.run_on_scheduler(_joined_worker_pids))
         workers = self.client.scheduler_info(n_workers=-1)["workers"]
-        return {address: None for address, info in workers.items() if info.get("status", "running") == "running"}
+        return {address: None for address, info in workers.items() if info.get("status", "running") in _JOINED_STATES}
 
     def _wait_for_workers(self, n: int, timeout: float) -> None:
         # Our own bounded loop, which also restarts workers the cluster dropped (see
         # _restore_dropped_workers); Client.wait_for_workers does neither.
         end = time.monotonic() + timeout
-        while len(self._running_workers()) < n:
+        while len(self._joined_workers()) < n:
             self._restore_dropped_workers()
             if time.monotonic() > end:
                 logger.warning("Dask: fewer than %d worker(s) connected after %s s", n, timeout)
@@ -498,23 +504,28 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
         A task submitted a moment ago may not have reached the scheduler yet: the submit
         travels on the client's batched stream, this call on another connection. The
         scheduler would then cancel nothing, and run the task when it arrives; so keys
-        it does not know yet are asked about again until it does (boundedly).
+        it does not know are asked about again (boundedly) while their futures are still
+        pending. A future that is done or cancelled meanwhile (a concurrent withdraw, a
+        failed submit) is not waited for.
         """
         result: Dict[str, Any] = {"cancelled": [], "workers": {}}
-        asking = [f.key for f in futures if not f.cancelled()]
+        by_key = {f.key: f for f in futures}
+        asking = [key for key, f in by_key.items() if not f.done()]
         end = time.monotonic() + _ARRIVAL_TIMEOUT
+        pause = 0.002
         while asking:
             done = self.client.run_on_scheduler(
                 _cancel_on_scheduler, keys=asking, client_id=self.client.id, only_unstarted=only_unstarted
             )
             result["cancelled"].extend(done["cancelled"])
             result["workers"].update(done["workers"])
-            asking = done["unknown"]
+            asking = [key for key in done["unknown"] if not by_key[key].done()]
             if asking and time.monotonic() > end:
                 logger.warning("Dask: the scheduler never heard of %d submitted task(s); not cancelled there", len(asking))
                 break
             if asking:
-                time.sleep(0.005)
+                time.sleep(pause)
+                pause = min(0.05, pause * 2)
         return result
 
     def _kill_worker(self, address: str, pid: Optional[int]) -> bool:
@@ -556,18 +567,18 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
         expected = self._layout[0]
         end = time.monotonic() + _RESTART_TIMEOUT
         while time.monotonic() < end:
-            running = self._running_workers()
+            joined = self._joined_workers()
             # By PID too: a new worker may get the port of the one it replaces.
-            if all(running.get(address) != pid for address, pid in killed.items()) and len(running) >= expected:
+            if all(joined.get(address) != pid for address, pid in killed.items()) and len(joined) >= expected:
                 return
             self._restore_dropped_workers()
             time.sleep(0.05)
         logger.warning(
-            "Dask: the cluster did not get %d worker(s) back within %s s (killed: %s; running: %s)",
+            "Dask: the cluster did not get %d worker(s) back within %s s (killed: %s; joined: %s)",
             expected,
             _RESTART_TIMEOUT,
             ", ".join(f"{address} pid {pid}" for address, pid in killed.items()),
-            ", ".join(f"{address} pid {pid}" for address, pid in self._running_workers().items()) or "none",
+            ", ".join(f"{address} pid {pid}" for address, pid in self._joined_workers().items()) or "none",
         )
 
     def _restore_dropped_workers(self) -> None:
