@@ -592,6 +592,7 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
             return
         dropped = set(cluster.worker_spec) - set(cluster.workers)
         if not dropped:
+            self._dropped = set()
             return
         if dropped != self._dropped:
             logger.warning("Dask: restarting worker(s) %s, which the cluster dropped", ", ".join(sorted(map(str, dropped))))
