@@ -399,10 +399,10 @@ class ParallelExecutor(Executor):
                 self._queue.clear()
         for task in dropped:
             task.future.cancel()
-        if CancellationPolicy.PENDING in policy and self._limit == math.inf:
-            self._withdraw_queued_in_engine()
-        if CancellationPolicy.RUNNING in policy:
+        if CancellationPolicy.RUNNING in policy:  # also takes back what waits in the engine
             self._stop_in_flight(keep_pending=CancellationPolicy.PENDING not in policy)
+        elif CancellationPolicy.PENDING in policy and self._limit == math.inf:
+            self._withdraw_queued_in_engine()
         if wait:
             with self._lock:
                 while self._queue or self._in_flight:

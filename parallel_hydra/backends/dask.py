@@ -175,9 +175,10 @@ def _cancel_on_scheduler(dask_scheduler: Any, keys: List[Any], client_id: str, o
     """On the scheduler: cancel ``keys`` (or those no worker has yet); say what it did.
 
     Returns ``{"cancelled": keys cancelled, "workers": {address: pid}, "unknown": keys}``:
-    the workers that held a cancelled task, and the keys the scheduler has not heard of. Run through ``Client.run_on_scheduler``, this is done
-    when the call returns, unlike ``Client.cancel``, whose message may still be on its
-    way when we kill a worker: the scheduler would then run the task again elsewhere.
+    the workers that held a cancelled task, and the keys the scheduler has not heard of.
+    Run through ``Client.run_on_scheduler``, this is done when the call returns, unlike
+    ``Client.cancel``, whose message may still be on its way when we kill a worker: the
+    scheduler would then run the task again elsewhere.
     Checking and cancelling in one step also means no task moves to a worker in
     between, and the workers named are the ones that hold the tasks at that moment.
     """
@@ -454,21 +455,36 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
         workers = self.client.scheduler_info(n_workers=-1)["workers"]
         return {address: None for address, info in workers.items() if info.get("status", "running") in _JOINED_STATES}
 
-    def _wait_for_workers(self, n: int, timeout: float) -> None:
-        # Our own bounded loop, which also restarts workers the cluster dropped (see
-        # _restore_dropped_workers); Client.wait_for_workers does neither.
+    def _wait_for_workers(self, n: int, timeout: float, replacing: Optional[Mapping[str, Any]] = None) -> None:
+        """Wait, boundedly, until ``n`` workers have joined, none of them in ``replacing``.
+
+        ``replacing`` maps the address of each worker just killed to its PID, and is
+        checked by PID too: a new worker may get the port of the one it replaces. Our
+        own loop, which also restarts workers the cluster dropped (see
+        ``_restore_dropped_workers``); ``Client.wait_for_workers`` does neither.
+        """
+        replacing = replacing or {}
         end = time.monotonic() + timeout
-        while len(self._joined_workers()) < n:
+        while True:
+            joined = self._joined_workers()
+            if len(joined) >= n and all(joined.get(address) != pid for address, pid in replacing.items()):
+                return
             self._restore_dropped_workers()
             if time.monotonic() > end:
-                logger.warning("Dask: fewer than %d worker(s) connected after %s s", n, timeout)
-                return
-            time.sleep(min(0.1, self.config.wait_timeout))
+                break
+            time.sleep(min(0.05, self.config.wait_timeout))
+        logger.warning(
+            "Dask: fewer than %d worker(s) joined within %s s (killed: %s; joined: %s)",
+            n,
+            timeout,
+            ", ".join(f"{address} pid {pid}" for address, pid in replacing.items()) or "none",
+            ", ".join(f"{address} pid {pid}" for address, pid in joined.items()) or "none",
+        )
 
     # -- executors ----------------------------------------------------------------
 
     def _task_runner(self, max_workers: int) -> TaskRunner:
-        self._await_whole_cluster()
+        # executor() has just counted slots, which waited for the whole cluster.
         return _DaskRunner(self)
 
     def _stop_futures(self, futures: List[Any]) -> None:
@@ -496,7 +512,8 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
             killed = {addr: pid for addr, pid in sorted(done["workers"].items()) if self._kill_worker(addr, pid)}
             if killed:
                 logger.info("Dask: killed worker(s) %s to stop %d task(s)", ", ".join(killed), len(done["cancelled"]))
-                self._await_restart(killed)
+                assert self._layout is not None
+                self._wait_for_workers(self._layout[0], _RESTART_TIMEOUT, replacing=killed)
 
     def _cancel_when_known(self, futures: List[Any], only_unstarted: bool) -> Dict[str, Any]:
         """Cancel ``futures`` on the scheduler (see :func:`_cancel_on_scheduler`).
@@ -559,27 +576,6 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
         else:  # pragma: no cover
             logger.warning("Dask: worker %s (pid %s) did not exit after SIGKILL", address, pid)
         return True
-
-    def _await_restart(self, killed: Dict[str, Any]) -> None:
-        """Wait, boundedly, until the scheduler dropped ``killed`` (address -> PID) and has
-        all workers running again."""
-        assert self._layout is not None
-        expected = self._layout[0]
-        end = time.monotonic() + _RESTART_TIMEOUT
-        while time.monotonic() < end:
-            joined = self._joined_workers()
-            # By PID too: a new worker may get the port of the one it replaces.
-            if all(joined.get(address) != pid for address, pid in killed.items()) and len(joined) >= expected:
-                return
-            self._restore_dropped_workers()
-            time.sleep(0.05)
-        logger.warning(
-            "Dask: the cluster did not get %d worker(s) back within %s s (killed: %s; joined: %s)",
-            expected,
-            _RESTART_TIMEOUT,
-            ", ".join(f"{address} pid {pid}" for address, pid in killed.items()),
-            ", ".join(f"{address} pid {pid}" for address, pid in self._joined_workers().items()) or "none",
-        )
 
     def _restore_dropped_workers(self) -> None:
         """Start again any worker whose nanny the cluster closed (a safety net).
