@@ -25,6 +25,8 @@ __all__ = [
     "available_cpus",
     "effective_n_jobs",
     "init_executor",
+    "check_n_jobs",
+    "resolve_n_jobs",
     "ConfigLike",
 ]
 
@@ -209,16 +211,13 @@ class BaseParallelBackend(ABC):
     def effective_n_jobs(self, n_jobs: int) -> int:
         """How many tasks this backend can run at once, for a request of ``n_jobs``.
 
-        ``-1`` means all of them, ``-2`` all but one (as in joblib); a larger request
-        is capped at what the engine has and at ``n_cpus``. ``0`` is an error.
+        ``-1`` means all of them, ``-2`` all but one (as in joblib), and so on, never
+        fewer than 1; a larger request is capped at what the engine has and at
+        ``n_cpus``. ``0`` is an error.
         """
-        if isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs == 0:
-            raise ValueError(f"n_jobs must be a non-zero integer (-1 for all CPUs); got {n_jobs!r}")
+        check_n_jobs(n_jobs)
         self._check_open()
-        available = self._capped(self._count_slots(), self.config)
-        if n_jobs < 0:
-            return max(1, available + 1 + n_jobs)
-        return max(1, min(n_jobs, available))
+        return resolve_n_jobs(n_jobs, self._capped(self._count_slots(), self.config))
 
     @abstractmethod
     def _count_slots(self) -> int:
@@ -277,19 +276,48 @@ class BaseParallelBackend(ABC):
     def _start_wrapped(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any], options: Dict[str, Any]) -> Any:
         """Start ``fn(*args, **kwargs)`` on the engine with checked options; a handle."""
 
-    @abstractmethod
     def wait(
         self, handles: Sequence[Any], *, num_returns: int = 1, timeout: Optional[float] = None
     ) -> Tuple[List[Any], List[Any]]:
         """Wait until ``num_returns`` of ``handles`` are ready, or ``timeout`` passes.
 
-        Returns ``(done, not_done)``, each in the order of ``handles``.
+        Returns ``(done, not_done)``, each in the order of ``handles``. An empty list
+        returns at once, as ``concurrent.futures.wait`` and ``ray.wait`` do.
         """
-
-    @staticmethod
-    def _check_num_returns(handles: Sequence[Any], num_returns: int) -> None:
-        if isinstance(num_returns, bool) or not isinstance(num_returns, int) or not 1 <= num_returns <= max(1, len(handles)):
+        self._check_open()
+        handles = list(handles)
+        if not handles:
+            return [], []
+        if isinstance(num_returns, bool) or not isinstance(num_returns, int) or not 1 <= num_returns <= len(handles):
             raise ValueError(f"num_returns must be between 1 and the number of handles ({len(handles)}); got {num_returns!r}")
+        for handle in handles:
+            if not self._is_handle(handle):
+                raise TypeError(
+                    f"the {self.name} backend waits on handles from its put or wrap; got {type(handle).__name__}"
+                )
+        return self._wait(handles, num_returns, timeout)
+
+    @abstractmethod
+    def _is_handle(self, obj: Any) -> bool:
+        """Whether ``obj`` is a handle of this backend's object store."""
+
+    @abstractmethod
+    def _wait(self, handles: List[Any], num_returns: int, timeout: Optional[float]) -> Tuple[List[Any], List[Any]]:
+        """``wait`` on a non-empty list of checked handles."""
+
+
+def check_n_jobs(n_jobs: Any, key: str = "n_jobs") -> None:
+    """Refuse an ``n_jobs`` that is not a non-zero integer, naming ``key``."""
+    if isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs == 0:
+        raise ValueError(f"{key} must be a non-zero integer (-1 for all CPUs); got {n_jobs!r}")
+
+
+def resolve_n_jobs(n_jobs: int, available: int) -> int:
+    """The one rule for ``n_jobs``: a positive request is capped at ``available``; ``-k``
+    means all but ``k - 1`` of them; never fewer than 1 (as ``joblib`` does)."""
+    if n_jobs < 0:
+        return max(1, available + 1 + n_jobs)
+    return max(1, min(n_jobs, available))
 
 
 def _backend_class(name: str) -> Type[BaseParallelBackend]:
@@ -339,13 +367,13 @@ def effective_n_jobs(n_jobs: int, config: Optional[ConfigLike] = None) -> int:
 
     Starts no engine when the answer is known without one (joblib always; Ray and Dask
     when no cluster address is given). Otherwise it connects, counts and disconnects.
+    The rule is :meth:`BaseParallelBackend.effective_n_jobs`'s: ``-k`` is all but
+    ``k - 1``, and never fewer than 1.
 
     Raises
     ------
     ValueError
-        If ``n_jobs`` is 0.
-    RuntimeError
-        If the backend reports fewer than one job.
+        If ``n_jobs`` is 0 or not an integer.
 
     Examples
     --------
@@ -353,24 +381,19 @@ def effective_n_jobs(n_jobs: int, config: Optional[ConfigLike] = None) -> int:
     1
     >>> effective_n_jobs(64, ParallelConfig(n_cpus=2))
     2
+    >>> effective_n_jobs(-50, ParallelConfig(n_cpus=2))
+    1
     """
-    if isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs == 0:
-        raise ValueError(f"n_jobs must be a non-zero integer (-1 for all CPUs); got {n_jobs!r}")
+    check_n_jobs(n_jobs)
     if isinstance(config, BaseParallelBackend):
-        result = config.effective_n_jobs(n_jobs)
-    else:
-        cls = _backend_class(_config_backend_name(config))
-        parsed = cls._make_config(config, {})
-        slots = cls._count_slots_unstarted(parsed)
-        if slots is None:
-            with cls(parsed) as backend:
-                result = backend.effective_n_jobs(n_jobs)
-        else:
-            available = cls._capped(slots, parsed)
-            result = available + 1 + n_jobs if n_jobs < 0 else min(n_jobs, available)
-    if result < 1:
-        raise RuntimeError(f"the backend reports {result} effective jobs for n_jobs={n_jobs}; it needs at least 1")
-    return result
+        return config.effective_n_jobs(n_jobs)
+    cls = _backend_class(_config_backend_name(config))
+    parsed = cls._make_config(config, {})
+    slots = cls._count_slots_unstarted(parsed)
+    if slots is None:
+        with cls(parsed) as backend:
+            return backend.effective_n_jobs(n_jobs)
+    return resolve_n_jobs(n_jobs, cls._capped(slots, parsed))
 
 
 @contextmanager

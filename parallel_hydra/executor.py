@@ -33,13 +33,15 @@ import logging
 import math
 import threading
 import time
+import weakref
 from abc import ABC, abstractmethod
 from collections import deque
 from concurrent.futures import Executor, Future, InvalidStateError
 from concurrent.futures import TimeoutError as FuturesTimeoutError
-from concurrent.futures._base import CANCELLED_AND_NOTIFIED, FINISHED
-from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Mapping, Optional, Set, Tuple
+from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
+from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Mapping, Optional, Set, Tuple, Type
 
+from .errors import EngineLostError
 from .policy import CancellationPolicy, PolicyLike, as_policy
 
 __all__ = ["ParallelExecutor", "TaskRunner", "TaskFuture", "Outcome"]
@@ -103,11 +105,19 @@ class TaskRunner(ABC):
         """
         return False
 
+    def can_withdraw(self, max_workers: int) -> bool:
+        """Whether :meth:`withdraw` may give tasks back; by default, if the engine keeps
+        its own queue."""
+        return self.keeps_own_queue(max_workers)
+
     def withdraw(self, tokens: List[Any]) -> List[bool]:
         """Take back tasks that no worker has been given; say which ones were.
 
-        A withdrawn task never runs and its ``on_done`` is never called. Only used when
-        :meth:`keeps_own_queue` is true.
+        A withdrawn task never runs and its ``on_done`` is never called. The executor
+        asks on ``future.cancel()`` and when a policy cancels pending tasks, so an engine
+        that keeps its own queue (:meth:`keeps_own_queue`), or that knows a task cannot
+        have started (no node can run it), gives those tasks back. Only used when
+        :meth:`can_withdraw` is true; must be cheap for tasks it cannot take back.
         """
         return [False] * len(tokens)
 
@@ -123,21 +133,46 @@ class TaskRunner(ABC):
 
 
 class TaskFuture(Future):
-    """A ``Future`` that the executor can report as cancelled while it is running.
+    """A ``Future`` that tells waiters of a cancellation at once, and that the executor
+    can report as cancelled while it is running.
 
-    ``concurrent.futures`` only lets a future be cancelled before it runs. Under the
-    ``RUNNING`` policy, a task's work is really stopped, and its future must then say so.
-    And a task handed to an engine that keeps its own queue says ``running()`` while it
-    may still wait there: ``cancel()`` then asks the engine to take it back.
+    ``concurrent.futures`` only lets a future be cancelled before it runs, and tells
+    ``wait``/``as_completed`` of it only when an executor later takes it from its queue.
+    Here a future cancelled in the queue counts as done for them at once. Under the
+    ``RUNNING`` policy a task's work is really stopped, and its future must then say so.
+    And a task handed to an engine that can still give it back (it waits in the engine's
+    own queue, or no node can run it) says ``running()``: ``cancel()`` then asks the
+    engine to take it back.
     """
 
-    _withdraw: Optional[Callable[[], bool]] = None
+    _executor: Optional["ParallelExecutor"] = None
+    _task: Optional["_Task"] = None
 
     def cancel(self) -> bool:
         if super().cancel():
+            self._notify_cancelled()
             return True
-        withdraw = self._withdraw
-        return withdraw is not None and not self.done() and withdraw() and self._cancel_running()
+        executor, task = self._executor, self._task
+        if executor is None or task is None or self.done():
+            return False
+        return bool(executor._withdraw_tasks([task]))
+
+    def _notify_cancelled(self) -> None:
+        with self._condition:
+            if self._state != CANCELLED:
+                return
+            self._state = CANCELLED_AND_NOTIFIED
+            for waiter in self._waiters:
+                waiter.add_cancelled(self)
+
+    def _start_running(self) -> bool:
+        """PENDING to RUNNING, the one door between them; False if it was cancelled."""
+        with self._condition:
+            if self._state == PENDING:
+                self._state = RUNNING
+                return True
+        self._notify_cancelled()
+        return False
 
     def _cancel_running(self) -> bool:
         with self._condition:
@@ -159,13 +194,20 @@ class _Task:
 
     def __init__(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any], options: Mapping[str, Any]):
         self.future: TaskFuture = TaskFuture()
-        self.fn = fn
-        self.args = args
-        self.kwargs = kwargs
+        self.fn: Any = fn
+        self.args: Any = args
+        self.kwargs: Any = kwargs
         self.options = options
         self.token: Any = None
         self.generation = 0
         self.stop_pending = False
+
+    def release(self) -> None:
+        """Drop what the task holds once it is over: its callable, its arguments, and
+        the engine's handle (a Dask future kept alive keeps its result on a worker, and
+        Dask would compute it again if that worker died)."""
+        self.fn = self.args = self.kwargs = self.token = None
+        self.future._executor = self.future._task = None
 
 
 def _run_chunk(fn: Callable[..., Any], chunk: List[Tuple[Any, ...]]) -> List[Outcome]:
@@ -178,6 +220,40 @@ def _run_chunk(fn: Callable[..., Any], chunk: List[Tuple[Any, ...]]) -> List[Out
             outcomes.append((False, exc))
             break
     return outcomes
+
+
+#: Executors not yet shut down. At interpreter exit each is shut down with its own
+#: policy (``NONE`` waits for every task), as ``concurrent.futures`` does with its pools.
+_open_executors: "weakref.WeakSet[ParallelExecutor]" = weakref.WeakSet()
+_exit_hook_lock = threading.Lock()
+_exit_hook_registered = False
+
+
+def _shut_down_open_executors() -> None:
+    for executor in list(_open_executors):
+        try:
+            executor.shutdown(wait=True)
+        except Exception:  # pragma: no cover - one failing executor must not spare the others
+            logger.exception("could not shut down an executor at exit")
+
+
+def _register_exit_hook() -> None:
+    global _exit_hook_registered
+    with _exit_hook_lock:
+        if _exit_hook_registered:
+            return
+        _exit_hook_registered = True
+    # threading's hooks run before atexit's, so before Ray and Dask stop their own
+    # runtimes at exit: pending tasks can still run. concurrent.futures does the same.
+    register = getattr(threading, "_register_atexit", None)
+    try:
+        if register is None:
+            raise RuntimeError
+        register(_shut_down_open_executors)
+    except RuntimeError:  # pragma: no cover - an interpreter already shutting down
+        import atexit
+
+        atexit.register(_shut_down_open_executors)
 
 
 class ParallelExecutor(Executor):
@@ -212,6 +288,7 @@ class ParallelExecutor(Executor):
             self._limit: float = math.inf
         else:
             self._limit = max_workers * (2 if runner.enforces_bound(max_workers) else 1)
+        self._can_withdraw = runner.can_withdraw(max_workers)
         # One lock guards the queue, the in-flight set and the shutdown flags. It is
         # never held while calling into the engine or completing a future.
         self._lock = threading.Lock()
@@ -220,6 +297,11 @@ class ParallelExecutor(Executor):
         self._in_flight: Set[_Task] = set()
         self._shutting_down = False
         self._closed = False
+        self._deferred_close = False
+        self._broken: Optional[BaseException] = None
+        self._settling = 0
+        _register_exit_hook()
+        _open_executors.add(self)
 
     @property
     def max_workers(self) -> int:
@@ -246,16 +328,20 @@ class ParallelExecutor(Executor):
         """
         return _OptionsView(self, self._runner.check_options(options))
 
+    def _check_accepting(self) -> None:
+        if self._broken is not None:
+            raise type(self._broken)(*self._broken.args)
+        if self._shutting_down:
+            raise RuntimeError("cannot submit after shutdown")
+
     def _submit(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any], options: Mapping[str, Any]) -> Future:
         if not callable(fn):
             raise TypeError(f"submit needs a callable; got {fn!r}")
-        if self._shutting_down:  # checked again under the lock; this spares prepare()
-            raise RuntimeError("cannot submit after shutdown")
+        self._check_accepting()  # checked again under the lock; this spares prepare()
         args, kwargs = self._runner.prepare(args, kwargs)
         task = _Task(fn, args, kwargs, options)
         with self._lock:
-            if self._shutting_down:
-                raise RuntimeError("cannot submit after shutdown")
+            self._check_accepting()
             self._queue.append(task)
             ready = self._take_ready() if len(self._in_flight) < self._limit else None
         if ready:
@@ -275,6 +361,8 @@ class ParallelExecutor(Executor):
         cheap. ``None`` (the default) cuts the items into about four chunks per worker;
         ``1`` makes one task per item. The first exception is raised at its item, and
         ``TimeoutError`` if results are not all in ``timeout`` seconds after the call.
+        Tasks whose results are not read (the iterator is closed or dropped early, or
+        raised) are cancelled.
         """
         if chunksize is not None and (isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1):
             raise ValueError(f"chunksize must be an integer >= 1 or None; got {chunksize!r}")
@@ -286,12 +374,13 @@ class ParallelExecutor(Executor):
             futures = [self.submit(fn, *args) for args in items]
             return self._results(futures, end, chunked=False)
         chunks = [items[i : i + chunksize] for i in range(0, len(items), chunksize)]
+        del items
         futures = [self.submit(_run_chunk, fn, chunk) for chunk in chunks]
         return self._results(futures, end, chunked=True)
 
-    @staticmethod
-    def _results(futures: List[Future], end: Optional[float], chunked: bool) -> Iterator[Any]:
+    def _results(self, futures: List[Future], end: Optional[float], chunked: bool) -> Iterator[Any]:
         # A generator of its own, so that map() submits everything before it returns.
+        # Nothing here holds a result after handing it out.
         try:
             futures.reverse()
             while futures:
@@ -303,27 +392,46 @@ class ParallelExecutor(Executor):
                 futures.pop()
                 if not chunked:
                     yield value
+                    del value
                     continue
-                for ok, item in value:
+                value.reverse()
+                while value:
+                    ok, item = value.pop()
                     if not ok:
                         raise item
                     yield item
+                    del item
         finally:
-            for future in futures:
-                future.cancel()
+            self._cancel_many(futures)
+
+    def _cancel_many(self, futures: List[Future]) -> None:
+        """Cancel many futures at once: one engine call for all that it must take back."""
+        in_flight = []
+        for future in futures:
+            if Future.cancel(future):
+                if isinstance(future, TaskFuture):
+                    future._notify_cancelled()
+            elif isinstance(future, TaskFuture) and future._task is not None:
+                in_flight.append(future._task)
+        if in_flight and self._can_withdraw:
+            self._withdraw_tasks(in_flight)
 
     # -- the engine side ----------------------------------------------------------
 
     def _take_ready(self) -> List[_Task]:
         """Move tasks from the queue to in flight while the limit allows. Lock held."""
         ready: List[_Task] = []
+        if self._broken is not None:
+            return ready
         while self._queue and len(self._in_flight) < self._limit:
             task = self._queue.popleft()
-            if task.future.set_running_or_notify_cancel():
+            if task.future._start_running():
                 self._in_flight.add(task)
                 ready.append(task)
-                if self._limit == math.inf:
-                    task.future._withdraw = functools.partial(self._withdraw_task, task)
+                if self._can_withdraw:
+                    task.future._executor, task.future._task = self, task
+            else:
+                task.release()
         return ready
 
     def _hand_over(self, tasks: List[_Task]) -> None:
@@ -340,7 +448,8 @@ class ParallelExecutor(Executor):
                 work.extend(self._settle(task, generation, False, exc))  # a loop, not recursion
                 continue
             with self._lock:
-                task.token = token
+                if task in self._in_flight and task.generation == generation:
+                    task.token = token
                 stop_now, task.stop_pending = task.stop_pending, False
             if stop_now:
                 self._runner.stop([token])
@@ -353,29 +462,93 @@ class ParallelExecutor(Executor):
 
     def _settle(self, task: _Task, generation: int, ok: bool, value: Any) -> List[_Task]:
         """Complete a task's future; return the tasks its freed slot lets go."""
+        lost = not ok and isinstance(value, EngineLostError)
         with self._lock:
             if task not in self._in_flight or generation != task.generation:
                 return []  # stopped, taken back, or an earlier hand-over: settled elsewhere
             self._in_flight.discard(task)
+            # Counted until its future is complete, so that shutdown returns only then.
+            self._settling += 1
+            if lost and self._broken is None:
+                self._broken = value
             ready = self._take_ready() if self._queue else []
-            done = not self._queue and not self._in_flight
-            if done:
-                self._idle.notify_all()
-        task.args = task.kwargs = None  # type: ignore[assignment]  # free memory early
+        future = task.future
+        task.release()
         try:
             if ok:
-                task.future.set_result(value)
+                future.set_result(value)
             else:
-                task.future.set_exception(value)
+                future.set_exception(value)
         except InvalidStateError:  # cancelled by its owner meanwhile; nothing to report
             pass
-        if done and self._deferred_close:
+        del value, future
+        with self._lock:
+            self._settling -= 1
+            done = self._is_idle()
+            if done:
+                self._idle.notify_all()
+        if lost:
+            self._fail_all(self._broken)
+        elif done and self._deferred_close:
             self._close_if_finished()
         return ready
 
-    _deferred_close = False
+    def _is_idle(self) -> bool:
+        """No task queued, in flight, or being settled. Lock held."""
+        return not self._queue and not self._in_flight and not self._settling
+
+    def _fail_all(self, error: Optional[BaseException]) -> None:
+        """The engine is gone: every task not yet settled fails with ``error``."""
+        with self._lock:
+            lost = list(self._queue) + list(self._in_flight)
+            self._queue.clear()
+            self._in_flight.clear()
+            self._idle.notify_all()
+        if lost:
+            logger.error("%s; %d unfinished task(s) of the executor fail with it", error, len(lost))
+        for task in lost:
+            future = task.future
+            task.release()
+            try:
+                future.set_exception(error)
+            except InvalidStateError:
+                pass
+        self._close_if_finished()
 
     # -- shutting down ------------------------------------------------------------
+
+    def __exit__(self, exc_type: Optional[Type[BaseException]], exc_value: Any, traceback: Any) -> None:
+        """Shut down with the executor's policy; on an exception, see the README's rule.
+
+        ``KeyboardInterrupt`` (Ctrl-C) stops everything (``ALL``): nobody will read the
+        results, and a user who pressed Ctrl-C wants the prompt back. Any other exception
+        applies the executor's policy, and says what it waits for.
+        """
+        if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
+            with self._lock:
+                counts = (len(self._in_flight), len(self._queue))
+            if any(counts):
+                logger.warning(
+                    "interrupted: stopping %d running and %d pending task(s) (policy ALL)", *counts
+                )
+            self.shutdown(wait=True, cancel_futures=CancellationPolicy.ALL)
+            return
+        if exc_type is not None:
+            with self._lock:
+                running = len(self._in_flight)
+                pending = len(self._queue)
+            waits_for = (0 if CancellationPolicy.RUNNING in self._policy else running) + (
+                0 if CancellationPolicy.PENDING in self._policy else pending
+            )
+            if waits_for:
+                logger.warning(
+                    "leaving the executor on %s: policy %s waits for %d task(s) to finish "
+                    "(Ctrl-C stops them; cancel_futures=ALL would not wait)",
+                    exc_type.__name__,
+                    self._policy.name,
+                    waits_for,
+                )
+        self.shutdown(wait=True)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: Optional[PolicyLike] = None) -> None:
         """Stop accepting tasks, apply a cancellation policy, and release the engine.
@@ -384,29 +557,27 @@ class ParallelExecutor(Executor):
         ----------
         wait
             Block until every task that was not cancelled has ended and the engine's
-            resources are released.
+            resources are released. A ``KeyboardInterrupt`` while waiting stops every
+            task (``ALL``) before it propagates.
         cancel_futures
             A :class:`CancellationPolicy` (or its name, or a bool as in
             ``concurrent.futures``: ``True`` is ``PENDING``). ``None`` applies the
             executor's own policy.
         """
         policy = self._policy if cancel_futures is None else as_policy(cancel_futures)
-        dropped: List[_Task] = []
-        with self._lock:
-            self._shutting_down = True
-            if CancellationPolicy.PENDING in policy:
-                dropped = list(self._queue)
-                self._queue.clear()
-        for task in dropped:
-            task.future.cancel()
-        if CancellationPolicy.RUNNING in policy:  # also takes back what waits in the engine
-            self._stop_in_flight(keep_pending=CancellationPolicy.PENDING not in policy)
-        elif CancellationPolicy.PENDING in policy and self._limit == math.inf:
-            self._withdraw_queued_in_engine()
+        _open_executors.discard(self)
+        self._apply(policy)
         if wait:
+            try:
+                with self._lock:
+                    while not self._is_idle():
+                        self._idle.wait(self._wait_timeout)
+            except KeyboardInterrupt:
+                if policy != CancellationPolicy.ALL:
+                    logger.warning("interrupted while waiting for tasks: stopping them (policy ALL)")
+                    self._apply(CancellationPolicy.ALL)
+                raise
             with self._lock:
-                while self._queue or self._in_flight:
-                    self._idle.wait(self._wait_timeout)
                 close_now = not self._closed
                 self._closed = True
             if close_now:
@@ -416,34 +587,44 @@ class ParallelExecutor(Executor):
             self._deferred_close = True
         self._close_if_finished()
 
-    def _withdraw_task(self, task: _Task) -> bool:
-        """Take one task back from the engine's queue (a user's ``future.cancel()``)."""
+    def _apply(self, policy: CancellationPolicy) -> None:
+        """Stop accepting tasks and cancel what ``policy`` says."""
+        dropped: List[_Task] = []
         with self._lock:
-            if task not in self._in_flight:
-                return False
-        if not self._runner.withdraw([task.token])[0]:
-            return False
-        with self._lock:
-            self._in_flight.discard(task)
-            if not self._queue and not self._in_flight:
-                self._idle.notify_all()
+            self._shutting_down = True
+            if CancellationPolicy.PENDING in policy:
+                dropped = list(self._queue)
+                self._queue.clear()
+        for task in dropped:
+            task.future.cancel()
+            task.release()
+        if CancellationPolicy.RUNNING in policy:  # also takes back what waits in the engine
+            self._stop_in_flight(keep_pending=CancellationPolicy.PENDING not in policy)
+        elif CancellationPolicy.PENDING in policy and self._can_withdraw:
+            with self._lock:
+                candidates = list(self._in_flight)
+            self._withdraw_tasks(candidates)
         self._close_if_finished()
-        return True
 
     def _close_if_finished(self) -> None:
         """After ``shutdown(wait=False)``: release the engine once no task is left."""
         with self._lock:
-            close_now = self._deferred_close and not self._closed and not self._queue and not self._in_flight
+            close_now = self._deferred_close and not self._closed and self._is_idle()
             if close_now:
                 self._closed = True
         if close_now:
             # Not in this thread: it may be the engine's callback thread, which close() joins.
             threading.Thread(target=self._runner.close, name="parallel_hydra-close", daemon=True).start()
 
-    def _take_back_from_engine(self) -> List[_Task]:
-        """Withdraw from the engine's own queue the tasks no worker has been given."""
+    def _take_back(self, tasks: List[_Task]) -> List[_Task]:
+        """Ask the engine to give back ``tasks`` (those no worker has); the ones it did.
+
+        They leave the in-flight set; their futures are left as they are.
+        """
         with self._lock:
-            candidates = list(self._in_flight)
+            candidates = [task for task in tasks if task in self._in_flight and task.token is not None]
+        if not candidates:
+            return []
         taken_back = self._runner.withdraw([task.token for task in candidates])
         withdrawn = []
         with self._lock:
@@ -451,23 +632,34 @@ class ParallelExecutor(Executor):
                 if ok and task in self._in_flight:
                     self._in_flight.discard(task)
                     withdrawn.append(task)
-            if not self._queue and not self._in_flight:
+            if self._is_idle():
                 self._idle.notify_all()
         return withdrawn
 
-    def _withdraw_queued_in_engine(self) -> None:
-        for task in self._take_back_from_engine():
+    def _withdraw_tasks(self, tasks: List[_Task]) -> List[_Task]:
+        """Cancel ``tasks`` where the engine gives them back; hand over what that frees."""
+        withdrawn = self._take_back(tasks)
+        for task in withdrawn:
             task.future._cancel_running()
-        self._close_if_finished()
+            task.release()
+        if withdrawn:
+            with self._lock:
+                ready = self._take_ready() if self._queue else []
+            self._hand_over(ready)
+            self._close_if_finished()
+        return withdrawn
 
     def _stop_in_flight(self, keep_pending: bool) -> None:
-        # Tasks still waiting in the engine's own queue are pending, not running: take
-        # them back first, and (unless pending tasks are cancelled too) hand them over
-        # again once the running ones are stopped.
-        spared = self._take_back_from_engine() if self._limit == math.inf else []
+        # Tasks still waiting in the engine (its own queue, or no node can run them)
+        # are pending, not running: take them back first, and (unless pending tasks are
+        # cancelled too) hand them over again once the running ones are stopped.
+        with self._lock:
+            candidates = list(self._in_flight)
+        spared = self._take_back(candidates) if self._can_withdraw else []
         if not keep_pending:
             for task in spared:
                 task.future._cancel_running()
+                task.release()
             spared = []
         with self._lock:
             victims = list(self._in_flight)
@@ -484,11 +676,13 @@ class ParallelExecutor(Executor):
                 logger.exception("the engine failed to stop %d running task(s); they may run on", len(tokens))
         for task in victims:
             task.future._cancel_running()
+            if not task.stop_pending:
+                task.release()
         with self._lock:
             spared = [task for task in spared if not task.future.done()]  # not cancelled meanwhile
             self._in_flight.update(spared)  # their futures already say running
             ready = spared + self._take_ready()
-            if not self._queue and not self._in_flight:
+            if self._is_idle():
                 self._idle.notify_all()
         self._hand_over(ready)
 

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import inspect
+import time
 from collections.abc import Sequence
+from concurrent.futures import FIRST_EXCEPTION
+from concurrent.futures import wait as futures_wait
 from typing import Any, Callable, Dict, Generic, List, Optional, TypeVar, Union
 
-from .backend import BaseParallelBackend, ConfigLike, init_parallel_backend
+from .backend import BaseParallelBackend, ConfigLike, check_n_jobs, init_parallel_backend
+from .policy import CancellationPolicy
 
 __all__ = ["MapReduceJob", "identity"]
 
@@ -63,6 +67,12 @@ class MapReduceJob(Generic[T, R]):
     different seeds differ. The seed, and the job's index as ``job_id``, are passed only to
     a ``map_func`` that accepts them.
 
+    One seed gives one result on any machine and engine: the chunks, and so the random
+    streams, follow only the inputs, the seed and a positive ``n_jobs`` as written,
+    never the CPUs at hand (at most that many jobs run at once; the others wait their
+    turn). ``n_jobs=-1`` means one job per CPU of the backend, which ties the result to
+    the CPU count: give a number when results must be reproducible elsewhere.
+
     Parameters
     ----------
     inputs
@@ -76,9 +86,10 @@ class MapReduceJob(Generic[T, R]):
         The backend's config (a backend is started for each call and shut down after),
         or a running backend to use as is.
     n_jobs
-        How many jobs to run; ``-1`` is one per available CPU.
+        How many jobs (chunks) to make; ``-1`` is one per CPU of the backend.
     timeout
-        Seconds to wait for all results before ``TimeoutError``.
+        Seconds the whole job may take. At that deadline its tasks are stopped (the
+        ``ALL`` policy) and ``TimeoutError`` is raised.
 
     Examples
     --------
@@ -101,8 +112,7 @@ class MapReduceJob(Generic[T, R]):
         n_jobs: int = -1,
         timeout: Optional[float] = None,
     ) -> None:
-        if isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs == 0:
-            raise ValueError(f"n_jobs must be a non-zero integer (-1 for all CPUs); got {n_jobs!r}")
+        check_n_jobs(n_jobs)
         if timeout is not None and timeout <= 0:
             raise ValueError(f"timeout must be a positive number of seconds or None; got {timeout!r}")
         self.inputs = inputs
@@ -116,16 +126,16 @@ class MapReduceJob(Generic[T, R]):
 
     def __call__(self, seed: Optional[Union[int, Any]] = None) -> R:
         """Run the job; ``seed`` (an int or a ``SeedSequence``) makes it reproducible."""
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
         if isinstance(self.config, BaseParallelBackend):
-            return self._run(self.config, seed)
+            return self._run(self.config, seed, deadline)
         with init_parallel_backend(self.config) as backend:
-            return self._run(backend, seed)
+            return self._run(backend, seed, deadline)
 
-    def _run(self, backend: BaseParallelBackend, seed: Optional[Union[int, Any]]) -> R:
-        n_jobs = backend.effective_n_jobs(self.n_jobs)
+    def _run(self, backend: BaseParallelBackend, seed: Optional[Union[int, Any]], deadline: Optional[float]) -> R:
+        n_jobs = self.n_jobs if self.n_jobs > 0 else backend.effective_n_jobs(self.n_jobs)
         if _is_splittable(self.inputs):
-            n_chunks = max(1, min(n_jobs, len(self.inputs)))
-            chunks = _split(self.inputs, n_chunks)
+            chunks = _split(self.inputs, max(1, min(n_jobs, len(self.inputs))))
         else:
             chunks = [self.inputs] * n_jobs
         seeds: List[Any] = [None] * len(chunks)
@@ -136,7 +146,7 @@ class MapReduceJob(Generic[T, R]):
             seeds = root.spawn(len(chunks))
         pass_seed = seed is not None and _accepts(self.map_func, "seed")
         pass_job_id = _accepts(self.map_func, "job_id")
-        with backend.executor(max_workers=n_jobs) as executor:
+        with backend.executor(max_workers=backend.effective_n_jobs(len(chunks))) as executor:
             futures = []
             for job_id, chunk in enumerate(chunks):
                 kwargs = dict(self.map_kwargs)
@@ -145,5 +155,13 @@ class MapReduceJob(Generic[T, R]):
                 if pass_job_id:
                     kwargs["job_id"] = job_id
                 futures.append(executor.submit(_call_map, self.map_func, chunk, kwargs))
-            results = [f.result(timeout=self.timeout) for f in futures]
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            done, not_done = futures_wait(futures, timeout=remaining, return_when=FIRST_EXCEPTION)
+            if not_done and not any(f.exception() for f in done if not f.cancelled()):
+                executor.shutdown(wait=True, cancel_futures=CancellationPolicy.ALL)
+                raise TimeoutError(
+                    f"MapReduceJob: {len(not_done)} of {len(futures)} job(s) not done within the timeout of "
+                    f"{self.timeout} s; they were stopped"
+                )
+            results = [f.result() for f in futures]
         return self.reduce_func(results, **self.reduce_kwargs)

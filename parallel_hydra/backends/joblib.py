@@ -14,9 +14,11 @@ by its value before the task is pickled, which is what Ray and Dask do with thei
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -27,12 +29,17 @@ from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as futures_wait
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from concurrent.futures.process import BrokenProcessPool
+from multiprocessing.connection import wait as mp_wait
+
 from joblib.externals.loky.backend.utils import kill_process_tree
 from joblib.externals.loky.process_executor import ProcessPoolExecutor
 
 from ..backend import BaseParallelBackend, available_cpus
 from ..config import JoblibConfig, ParallelConfig
+from ..errors import WorkerCrashedError
 from ..executor import DoneCallback, TaskRunner
+from ..start_log import LoggedCall, StartLog
 
 __all__ = ["JoblibParallelBackend", "LocalHandle"]
 
@@ -100,7 +107,7 @@ class LocalHandle:
 
 
 def _resolve(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
-    """Replace handles among a task's arguments by their values."""
+    """Replace handles among a task's arguments by their (ready) values."""
     if LocalHandle in map(type, args):
         args = tuple(a.for_task() if isinstance(a, LocalHandle) else a for a in args)
     if kwargs and LocalHandle in map(type, kwargs.values()):
@@ -108,17 +115,52 @@ def _resolve(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Tuple[Any, 
     return args, kwargs
 
 
-def _relay(on_done: DoneCallback) -> Callable[[Future], None]:
-    def relay(future: Future) -> None:
-        if future.cancelled():
-            return
-        exc = future.exception()
-        if exc is None:
-            on_done(True, future.result())
-        else:
-            on_done(False, exc)
+def _unready_handles(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> List[LocalHandle]:
+    """The handles among a task's arguments whose values are still being computed."""
+    return [a for a in (*args, *kwargs.values()) if isinstance(a, LocalHandle) and not a.done()]
 
-    return relay
+
+def _when_ready(handles: List[LocalHandle], then: Callable[[], None]) -> None:
+    """Call ``then()`` once every handle in ``handles`` is settled (from any thread)."""
+    remaining = [len(handles)]
+    lock = threading.Lock()
+
+    def one_done(_: Future) -> None:
+        with lock:
+            remaining[0] -= 1
+            last = remaining[0] == 0
+        if last:
+            then()
+
+    for handle in handles:
+        handle._future.add_done_callback(one_done)
+
+
+def _failed_handle(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Optional[BaseException]:
+    """The exception of the first handle argument whose wrapped call failed, if any."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, LocalHandle) and value._future.exception() is not None:
+            return value._future.exception()
+    return None
+
+
+def _copy_outcome(target: Future, source: Future) -> None:
+    error = source.exception()
+    if error is None:
+        target.set_result(source.result())
+    else:
+        target.set_exception(error)
+
+
+def _how_it_died(exitcode: Optional[int]) -> str:
+    if exitcode is None:
+        return "it died"
+    if exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exit code {exitcode}"
 
 
 class _BoundedLokyPool(ProcessPoolExecutor):
@@ -133,20 +175,46 @@ class _BoundedLokyPool(ProcessPoolExecutor):
         super()._setup_queues(job_reducers, result_reducers, queue_size=self._max_workers)
 
 
-class _LokyRunner(TaskRunner):
-    """Runs one executor's tasks on a private loky pool of ``max_workers`` processes."""
+#: Times a task is run again because other tasks' crashes took its pool down.
+_MAX_RERUNS = 3
 
-    def __init__(self, max_workers: int, idle_timeout: float) -> None:
+
+class _LokyTask:
+    """The token of one task: what to run, and where it is now."""
+
+    __slots__ = ("call", "on_done", "future", "pool", "withdrawn", "stopped", "reruns")
+
+    def __init__(self, call: LoggedCall, on_done: DoneCallback) -> None:
+        self.call = call
+        self.on_done = on_done
+        self.future: Optional[Future] = None  # loky's, once the task is submitted to a pool
+        self.pool: Optional[ProcessPoolExecutor] = None
+        self.withdrawn = False
+        self.stopped = False
+        self.reruns = 0
+
+
+class _LokyRunner(TaskRunner):
+    """Runs one executor's tasks on a private loky pool of ``max_workers`` processes.
+
+    A loky pool is all or nothing: when one worker dies, loky fails every unfinished
+    task of the pool and the pool is gone for good. This runner makes that one task's
+    failure: the task that was running in the dead process (the start log says which)
+    fails with :class:`WorkerCrashedError`; the pool's other unfinished tasks go to a new
+    pool, as if nothing happened (a task killed half-way runs again from its start).
+    Stopping tasks (the ``RUNNING`` policy) uses the same path: their workers are
+    killed, and only the stopped tasks are not run again.
+    """
+
+    def __init__(self, max_workers: int, idle_timeout: float, start_log: StartLog) -> None:
         self._max_workers = max_workers
         self._idle_timeout = idle_timeout
+        self._log = start_log
+        # Guards the pool, the live tasks and the tokens' state.
         self._lock = threading.Lock()
         self._pool: Optional[ProcessPoolExecutor] = None
-
-    def _current_pool(self) -> ProcessPoolExecutor:
-        with self._lock:
-            if self._pool is None:
-                self._pool = _BoundedLokyPool(self._max_workers, timeout=self._idle_timeout)
-            return self._pool
+        self._live: Dict[int, _LokyTask] = {}  # submitted to a pool, not yet reported
+        self._broken_pools: "weakref.WeakSet[ProcessPoolExecutor]" = weakref.WeakSet()
 
     def enforces_bound(self, max_workers: int) -> bool:
         return True  # the pool has exactly max_workers processes
@@ -156,31 +224,160 @@ class _LokyRunner(TaskRunner):
         # items ahead of its running workers; the rest can still be cancelled.
         return True
 
-    def withdraw(self, tokens: List[Any]) -> List[bool]:
-        # loky's cancel() says True again for a future cancelled before; the lock and the
-        # cancelled() check make sure only one caller takes a task back.
-        with self._lock:
-            return [token is not None and not token.cancelled() and token.cancel() for token in tokens]
-
-    def prepare(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
-        return _resolve(args, kwargs)
-
     def start(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any], options: Mapping[str, Any], on_done: DoneCallback) -> Any:
-        future = self._current_pool().submit(fn, *args, **kwargs)
-        future.add_done_callback(_relay(on_done))
-        return future
+        task = _LokyTask(self._log.call(fn, args, kwargs), on_done)
+        waiting = _unready_handles(args, kwargs)
+        if waiting:  # a handle argument is resolved when the task can start, not before
+            _when_ready(waiting, lambda: self._submit_when_ready(task))
+        else:
+            self._submit(task)
+        return task
+
+    def _submit_when_ready(self, task: _LokyTask) -> None:
+        call = task.call
+        failed = _failed_handle(call.args, call.kwargs)
+        with self._lock:
+            if task.withdrawn or task.stopped:
+                return
+        if failed is not None:
+            task.on_done(False, failed)
+            return
+        try:
+            self._submit(task)
+        except Exception as exc:  # no pool could be had: the task fails, nothing waits
+            task.on_done(False, exc)
+
+    def _submit(self, task: _LokyTask) -> None:
+        call = task.call
+        call.args, call.kwargs = _resolve(call.args, call.kwargs)
+        with self._lock:
+            if task.withdrawn or task.stopped:
+                return
+            if self._pool is None:
+                self._pool = _BoundedLokyPool(self._max_workers, timeout=self._idle_timeout)
+            pool = self._pool
+            task.pool = pool
+            self._live[call.number] = task
+            # Submitted under the lock, so that stop() and a crash see the future.
+            future = pool.submit(call)
+            task.future = future
+        future.add_done_callback(functools.partial(self._reported, task))
+
+    def _reported(self, task: _LokyTask, future: Future) -> None:
+        """loky's report on one task; a broken pool is handled once for all its tasks."""
+        if future.cancelled():
+            return
+        error = future.exception()
+        if isinstance(error, BrokenProcessPool):
+            self._pool_broke(task.pool, error)
+            return
+        with self._lock:
+            if self._live.pop(task.call.number, None) is None or task.stopped:
+                return
+        task.call = None  # type: ignore[assignment]  # frees the callable and its arguments
+        if error is None:
+            task.on_done(True, future.result())
+        else:
+            task.on_done(False, error)
+
+    def _pool_broke(self, pool: Optional[ProcessPoolExecutor], error: BaseException) -> None:
+        """A worker of some pool died: blame the task it ran, run the others again.
+
+        Called from loky's own thread while it fails the pool's futures, before it
+        kills the pool's other workers: the processes dead at this moment are the ones
+        that died on their own (or that ``stop`` killed).
+        """
+        with self._lock:
+            if pool is None or pool in self._broken_pools:
+                return
+            self._broken_pools.add(pool)
+            if self._pool is pool:
+                self._pool = None
+            affected = [t for t in self._live.values() if t.pool is pool]
+            for t in affected:
+                del self._live[t.call.number]
+        processes = dict(getattr(pool, "_processes", {}) or {})
+        dead = {pid: p.exitcode for pid, p in processes.items() if p.exitcode is not None}
+        blamed: Dict[int, Tuple[int, Optional[int]]] = {}  # task number -> (pid, exit code)
+        for pid, exitcode in dead.items():
+            for number in self._log.started_by(pid):
+                blamed[number] = (pid, exitcode)
+        if not dead:  # loky broke without a death (a payload that failed to unpickle)
+            for pid in processes:
+                for number in self._log.started_by(pid):
+                    blamed[number] = (pid, None)
+        threading.Thread(
+            target=self._recover, args=(affected, blamed, error), name="parallel_hydra-loky-recover", daemon=True
+        ).start()
+
+    def _recover(self, affected: List[_LokyTask], blamed: Dict[int, Tuple[int, Optional[int]]], error: BaseException) -> None:
+        for task in affected:
+            if task.stopped or task.withdrawn:
+                continue
+            number = task.call.number
+            if number in blamed or task.reruns >= _MAX_RERUNS:
+                pid, exitcode = blamed.get(number, (None, None))
+                name = getattr(task.call.fn, "__name__", repr(task.call.fn))
+                crash = WorkerCrashedError(
+                    f"the worker process (pid {pid}) running task {name} died ({_how_it_died(exitcode)})"
+                    if pid is not None
+                    else f"task {name} was in a worker pool that broke {task.reruns + 1} times: {error}"
+                )
+                crash.__cause__ = error
+                task.call = None  # type: ignore[assignment]
+                task.on_done(False, crash)
+                continue
+            task.reruns += 1
+            try:
+                self._submit(task)
+            except Exception as exc:  # pragma: no cover - no new pool could be started
+                task.on_done(False, exc)
+
+    def withdraw(self, tokens: List[Any]) -> List[bool]:
+        # loky's cancel() says True again for a future cancelled before; the lock makes
+        # sure only one caller takes a task back.
+        taken = []
+        with self._lock:
+            for task in tokens:
+                ok = False
+                if task is not None and not task.withdrawn and not task.stopped:
+                    if task.future is None:  # still waiting for its handle arguments
+                        ok = True
+                    elif not task.future.cancelled() and task.future.cancel():
+                        ok = True
+                        self._live.pop(task.call.number, None)
+                    task.withdrawn = ok
+                taken.append(ok)
+        return taken
 
     def stop(self, tokens: List[Any]) -> None:
-        # loky cannot interrupt one task, but its workers can be killed: the pool goes,
-        # and the next start() builds a new one. We kill the processes ourselves and let
-        # loky notice its broken pool, the path its own crash handling takes; loky's
-        # shutdown(kill_workers=True) raced with its queue-feeding thread here.
+        # loky cannot interrupt one task, but its workers can be killed. Kill the ones
+        # running these tasks (all of a pool's, where one of them has not started yet);
+        # the pool breaks, and _pool_broke runs its other tasks again on a new pool.
+        victims: List[Any] = []
         with self._lock:
-            pool, self._pool = self._pool, None
-        if pool is not None:
-            for process in list(getattr(pool, "_processes", {}).values()):
+            numbers = set()
+            pools = set()
+            for task in tokens:
+                task.stopped = True
+                if task.call is not None and self._live.pop(task.call.number, None) is not None:
+                    numbers.add(task.call.number)
+                    pools.add(task.pool)
+            for pool in pools:
+                if self._pool is pool:
+                    self._pool = None
+                processes = list((getattr(pool, "_processes", {}) or {}).items())
+                running = {pid: p for pid, p in processes if self._log.started_by(pid) & numbers}
+                found = set().union(*(self._log.started_by(pid) for pid in running)) & numbers if running else set()
+                pool_numbers = {t.call.number for t in tokens if t.pool is pool and t.call is not None}
+                victims.extend(running.values() if pool_numbers <= found else [p for _, p in processes])
+        for process in victims:
+            try:
                 kill_process_tree(process)  # the worker and anything the task started
-            pool.shutdown(wait=True)
+            except ProcessLookupError:
+                pass
+        if victims:  # the work has ended when stop() returns
+            mp_wait([p.sentinel for p in victims], timeout=10)
 
     def close(self) -> None:
         with self._lock:
@@ -205,6 +402,7 @@ class JoblibParallelBackend(BaseParallelBackend, name="joblib"):
 
     def _start(self) -> None:
         self._pool_lock = threading.Lock()
+        self._start_log = StartLog()
         self._wrap_pool: Optional[ProcessPoolExecutor] = None
         self._share_dir: Optional[str] = None
         self._shm_dir: Optional[str] = None
@@ -214,6 +412,7 @@ class JoblibParallelBackend(BaseParallelBackend, name="joblib"):
             pool, self._wrap_pool = self._wrap_pool, None
         if pool is not None:
             pool.shutdown(wait=True)
+        self._start_log.close()
         for folder in (self._share_dir, self._shm_dir):
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -246,7 +445,7 @@ class JoblibParallelBackend(BaseParallelBackend, name="joblib"):
         return available_cpus()
 
     def _task_runner(self, max_workers: int) -> TaskRunner:
-        return _LokyRunner(max_workers, self.config.idle_worker_timeout)
+        return _LokyRunner(max_workers, self.config.idle_worker_timeout, self._start_log)
 
     # -- object store -------------------------------------------------------------
 
@@ -270,23 +469,43 @@ class JoblibParallelBackend(BaseParallelBackend, name="joblib"):
         return one(handles)
 
     def _start_wrapped(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any], options: Dict[str, Any]) -> LocalHandle:
-        args, kwargs = _resolve(args, kwargs)
-        with self._pool_lock:
-            if self._wrap_pool is None:
-                n = self.effective_n_jobs(-1)
-                self._wrap_pool = ProcessPoolExecutor(n, timeout=self.config.idle_worker_timeout)
-            pool = self._wrap_pool
-        return LocalHandle(pool.submit(fn, *args, **kwargs))
+        outcome: Future = Future()
 
-    def wait(self, handles: Sequence[Any], *, num_returns: int = 1, timeout: Optional[float] = None) -> Tuple[List[Any], List[Any]]:
-        handles = list(handles)
-        self._check_num_returns(handles, num_returns)
+        def submit() -> None:
+            failed = _failed_handle(args, kwargs)
+            if failed is not None:
+                outcome.set_exception(failed)
+                return
+            try:
+                future = self._wrapping_pool().submit(LoggedCall("", 0, fn, *_resolve(args, kwargs)))
+            except Exception as exc:
+                outcome.set_exception(exc)
+                return
+            future.add_done_callback(functools.partial(_copy_outcome, outcome))
+
+        waiting = _unready_handles(args, kwargs)
+        if waiting:  # as on Ray and Dask, a call on a pending handle returns at once
+            _when_ready(waiting, submit)
+        else:
+            submit()
+        return LocalHandle(outcome)
+
+    def _wrapping_pool(self) -> ProcessPoolExecutor:
+        """The pool behind ``wrap``: made on first use, and again after it broke."""
+        with self._pool_lock:
+            pool = self._wrap_pool
+            if pool is None or getattr(getattr(pool, "_flags", None), "broken", None):
+                pool = self._wrap_pool = ProcessPoolExecutor(self.effective_n_jobs(-1), timeout=self.config.idle_worker_timeout)
+            return pool
+
+    def _is_handle(self, obj: Any) -> bool:
+        return isinstance(obj, LocalHandle)
+
+    def _wait(self, handles: List[Any], num_returns: int, timeout: Optional[float]) -> Tuple[List[Any], List[Any]]:
         end = None if timeout is None else time.monotonic() + timeout
         while sum(h.done() for h in handles) < num_returns:
             remaining = None if end is None else end - time.monotonic()
             if remaining is not None and remaining <= 0:
                 break
-            pending = [h._future for h in handles if not h.done()]
-            futures_wait(pending, timeout=remaining, return_when=FIRST_COMPLETED)
-        done = [h for h in handles if h.done()]
-        return done, [h for h in handles if not h.done()]
+            futures_wait([h._future for h in handles if not h.done()], timeout=remaining, return_when=FIRST_COMPLETED)
+        return [h for h in handles if h.done()], [h for h in handles if not h.done()]

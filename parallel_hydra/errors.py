@@ -1,0 +1,35 @@
+"""The exceptions a task's future can end with, the same on every engine.
+
+An engine reports a failure in its own words (loky's ``TerminatedWorkerError``, Dask's
+``KilledWorker``, Ray's ``WorkerCrashedError``); the backends translate those into the
+types below and keep the engine's error as ``__cause__``, so code that handles a crash
+is written once, whatever engine runs it.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import BrokenExecutor
+from concurrent.futures.process import BrokenProcessPool
+
+__all__ = ["WorkerCrashedError", "EngineLostError"]
+
+
+class WorkerCrashedError(BrokenProcessPool):
+    """The process running this task died before the task returned.
+
+    A segmentation fault, ``os._exit``, a ``SIGKILL`` (the out-of-memory killer's
+    signal) or a ``sys.exit`` that took the worker down. Only the task that was running
+    in that process fails; the executor's other tasks are run again (if they had not
+    finished) or kept, and the executor stays usable. A subclass of
+    ``concurrent.futures.process.BrokenProcessPool``, so code written for the standard
+    process pool catches it too.
+    """
+
+
+class EngineLostError(BrokenExecutor):
+    """The engine behind the executor is gone: a cluster's scheduler or head died, or
+    the connection to it was lost.
+
+    Every task of the executor that had not finished fails with this error, and the
+    executor accepts no more tasks. The message names the address of the cluster.
+    """
