@@ -386,21 +386,20 @@ class ParallelExecutor(Executor):
             while futures:
                 remaining = None if end is None else max(0.0, end - time.monotonic())
                 try:
-                    value = futures[-1].result(remaining)
+                    futures[-1].result(remaining)
                 except FuturesTimeoutError:
                     raise FuturesTimeoutError("map results not ready within the timeout") from None
-                futures.pop()
+                except BaseException:
+                    pass  # raised below, at its item
                 if not chunked:
-                    yield value
-                    del value
+                    yield futures.pop().result()
                     continue
-                value.reverse()
-                while value:
-                    ok, item = value.pop()
-                    if not ok:
-                        raise item
-                    yield item
-                    del item
+                outcomes = futures.pop().result()
+                outcomes.reverse()
+                while outcomes:
+                    if not outcomes[-1][0]:
+                        raise outcomes[-1][1]
+                    yield outcomes.pop()[1]
         finally:
             self._cancel_many(futures)
 

@@ -94,3 +94,63 @@ def where() -> str:
 
 def total(array: Any) -> float:
     return float(array.sum())
+
+
+# -- crashes and other field cases ------------------------------------------------------
+
+
+def exit_hard(code: int = 1) -> None:
+    """End the worker process at once, as a crashing extension would."""
+    os._exit(code)
+
+
+def kill_self() -> None:
+    """SIGKILL the worker process, as the out-of-memory killer does."""
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(30)
+
+
+def segfault() -> None:
+    """Read address 0: a segmentation fault in the worker process."""
+    import ctypes
+
+    ctypes.string_at(0)
+
+
+def exit_softly() -> None:
+    """``sys.exit`` from inside a task."""
+    import sys
+
+    sys.exit(3)
+
+
+def return_unpicklable() -> Any:
+    """A result that cannot be pickled back to the caller."""
+    import threading
+
+    return threading.Lock()
+
+
+def keywords(**kwargs: Any) -> Any:
+    """Return the keyword arguments the task received, sorted."""
+    return sorted(kwargs.items())
+
+
+def touch(path: str, value: Any = None) -> Any:
+    """Append a line to ``path`` (to count how often a task ran), return ``value``."""
+    with open(path, "a") as out:
+        out.write(f"{os.getpid()}\n")
+    return value
+
+
+class Box:
+    """A result that can be referenced weakly, to see who keeps it alive."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def boxed(value: Any) -> Box:
+    return Box(value)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import pickle
 import shutil
 import signal
 import sys
@@ -152,6 +153,17 @@ def _copy_outcome(target: Future, source: Future) -> None:
         target.set_exception(error)
 
 
+def _translated(error: BaseException, name: str) -> BaseException:
+    """A task's error as every engine reports it: a result that loky could not pickle
+    back (loky says so only in the remote traceback) becomes ``PicklingError``."""
+    remote = str(error.__cause__ or "")
+    if "_sendback_result" in remote and not isinstance(error, pickle.PicklingError):
+        translated = pickle.PicklingError(f"the result of task {name} could not be pickled: {type(error).__name__}: {error}")
+        translated.__cause__ = error
+        return translated
+    return error
+
+
 def _how_it_died(exitcode: Optional[int]) -> str:
     if exitcode is None:
         return "it died"
@@ -261,24 +273,27 @@ class _LokyRunner(TaskRunner):
             # Submitted under the lock, so that stop() and a crash see the future.
             future = pool.submit(call)
             task.future = future
-        future.add_done_callback(functools.partial(self._reported, task))
+        future.add_done_callback(functools.partial(self._reported, task, pool))
 
-    def _reported(self, task: _LokyTask, future: Future) -> None:
+    def _reported(self, task: _LokyTask, pool: ProcessPoolExecutor, future: Future) -> None:
         """loky's report on one task; a broken pool is handled once for all its tasks."""
         if future.cancelled():
             return
         error = future.exception()
         if isinstance(error, BrokenProcessPool):
-            self._pool_broke(task.pool, error)
+            self._pool_broke(pool, error)
             return
         with self._lock:
-            if self._live.pop(task.call.number, None) is None or task.stopped:
+            # Stale: a report from a pool the task has left (it was run again elsewhere).
+            if task.future is not future or task.stopped or self._live.pop(task.call.number, None) is None:
                 return
-        task.call = None  # type: ignore[assignment]  # frees the callable and its arguments
+        on_done, name = task.on_done, getattr(task.call.fn, "__name__", "")
+        # Let go of the callable, its arguments and the result once they are reported.
+        task.call = task.future = task.on_done = None  # type: ignore[assignment]
         if error is None:
-            task.on_done(True, future.result())
+            on_done(True, future.result())
         else:
-            task.on_done(False, error)
+            on_done(False, _translated(error, name))
 
     def _pool_broke(self, pool: Optional[ProcessPoolExecutor], error: BaseException) -> None:
         """A worker of some pool died: blame the task it ran, run the others again.
@@ -340,7 +355,7 @@ class _LokyRunner(TaskRunner):
         with self._lock:
             for task in tokens:
                 ok = False
-                if task is not None and not task.withdrawn and not task.stopped:
+                if task is not None and task.call is not None and not task.withdrawn and not task.stopped:
                     if task.future is None:  # still waiting for its handle arguments
                         ok = True
                     elif not task.future.cancelled() and task.future.cancel():
