@@ -1,0 +1,143 @@
+"""Ctrl-C and interpreter exit in a real app, on every engine.
+
+A terminal's Ctrl-C sends SIGINT to the whole foreground process group: the app and
+every worker process it started on this machine. The app below runs a ``MapReduceJob``
+of long tasks with the default policy (``PENDING``) in its own process group; the test
+interrupts the group and checks that the app exits promptly, that the tasks stop, and
+that nothing the app started is left running.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from apps import MARKER, beats_after, leftovers, wait_until
+from ray_support import app_env
+
+ENGINES = ["joblib", "ray", "dask"]
+
+INTERRUPTED_APP = '''\
+import os
+import sys
+import time
+
+import hydra
+from hydra.utils import instantiate
+
+
+def beat(chunk, job_id):
+    path = os.path.join(os.environ["BEAT_DIR"], f"beat{job_id}")
+    end = time.time() + 300
+    while time.time() < end:
+        with open(path, "w") as out:
+            out.write(str(time.time()))
+        time.sleep(0.02)
+    return job_id
+
+
+@hydra.main(version_base="1.3", config_path=".", config_name="config")
+def main(cfg):
+    from parallel_hydra import MapReduceJob
+
+    with instantiate(cfg.parallel) as backend:
+        print("STARTED", flush=True)
+        MapReduceJob(list(range(4)), beat, config=backend, n_jobs=4)()
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+EXITING_APP = '''\
+import os
+import sys
+
+from parallel_hydra import ParallelConfig, init_parallel_backend
+
+
+def mark(i):
+    import time
+
+    time.sleep(0.2)
+    open(os.path.join(os.environ["BEAT_DIR"], f"done{i}"), "w").close()
+
+
+if __name__ == "__main__":
+    backend = init_parallel_backend({"backend": sys.argv[1], "n_cpus": 2})
+    executor = backend.executor(max_workers=1, cancel_futures="NONE")
+    for i in range(6):
+        executor.submit(mark, i)
+    print("SUBMITTED", flush=True)
+    # No shutdown: the interpreter exits with tasks pending, which NONE must still run.
+'''
+
+
+def _start(script: Path, args: list, beat_dir: Path) -> "tuple[subprocess.Popen, str]":
+    marker = uuid.uuid4().hex
+    env = app_env(BEAT_DIR=str(beat_dir), HYDRA_FULL_ERROR="1", **{MARKER: marker})
+    proc = subprocess.Popen(
+        [sys.executable, str(script), *args],
+        cwd=script.parent,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # a process group of its own, as a terminal gives a job
+    )
+    return proc, marker
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_ctrl_c_on_the_process_group_stops_the_app_and_everything_it_started(engine: str, tmp_path: Path) -> None:
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    (app_dir / "config.yaml").write_text("defaults:\n  - parallel: joblib\n  - _self_\n")
+    script = app_dir / "train.py"
+    script.write_text(INTERRUPTED_APP)
+    beat_dir = tmp_path / "beats"
+    beat_dir.mkdir()
+    proc, marker = _start(script, [f"parallel={engine}", "parallel.n_cpus=2"], beat_dir)
+    try:
+        started = wait_until(lambda: len(list(beat_dir.glob("beat*"))) >= 2, 120)
+        assert started, "the app's tasks never started"
+        os.killpg(proc.pid, signal.SIGINT)
+        interrupted = time.monotonic()
+        try:
+            output, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the app was still running 60 s after Ctrl-C")
+        elapsed = time.monotonic() - interrupted
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode != 0, output
+    assert elapsed < 30, f"Ctrl-C took {elapsed:.1f} s to stop the app"
+    assert "KeyboardInterrupt" in output, output[-3000:]
+    for beat in beat_dir.glob("beat*"):
+        assert not beats_after(beat, 1.0), f"{beat.name} still beats after Ctrl-C"
+    assert leftovers(marker) == [], "the app left processes running after Ctrl-C"
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_pending_tasks_under_none_still_run_when_the_program_ends(engine: str, tmp_path: Path) -> None:
+    script = tmp_path / "exiting.py"
+    script.write_text(EXITING_APP)
+    proc, marker = _start(script, [engine], tmp_path)
+    try:
+        output, _ = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 0, output[-3000:]
+    assert sorted(p.name for p in tmp_path.glob("done*")) == [f"done{i}" for i in range(6)], output[-3000:]
+    assert leftovers(marker) == []
