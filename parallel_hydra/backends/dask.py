@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import signal
 import threading
 import time
@@ -26,7 +27,9 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, 
 
 from ..backend import BaseParallelBackend, available_cpus
 from ..config import DaskConfig, DaskTaskOptions, ParallelConfig
+from ..errors import EngineLostError, WorkerCrashedError
 from ..executor import DoneCallback, TaskRunner
+from ..start_log import LoggedCall, StartLog
 
 __all__ = ["DaskParallelBackend"]
 
@@ -37,7 +40,7 @@ _OPTION_KEYS = ("resources", "retries", "priority")
 #: Keyword arguments that ``Client.submit`` keeps for itself; a task's own keyword
 #: arguments of these names are routed around it (see :func:`_apply`).
 _SUBMIT_KEYWORDS = frozenset(
-    {"key", "workers", "resources", "retries", "priority", "fifo_timeout", "allow_other_workers", "actor", "actors", "pure"}
+    {"func", "key", "workers", "resources", "retries", "priority", "fifo_timeout", "allow_other_workers", "actor", "actors", "pure"}
 )
 #: Seconds ``stop`` waits for the nannies to bring killed workers back.
 _RESTART_TIMEOUT = 60.0
@@ -59,6 +62,7 @@ def _import_engine() -> Any:
 
 distributed = _import_engine()
 from distributed import LocalCluster as _LocalCluster  # noqa: E402
+from distributed import Nanny as _Nanny  # noqa: E402
 from distributed.deploy.cluster import Cluster as _Cluster  # noqa: E402
 
 
@@ -81,12 +85,56 @@ class _OwnedLocalCluster(_LocalCluster):
             super()._update_worker_status(op, msg)
 
 
+#: How worker processes of the clusters this process started ended: pid -> exit code
+#: (negative: killed by that signal). Kept small: read (and dropped) after a crash.
+_worker_exits: Dict[int, int] = {}
+_WORKER_EXITS_KEPT = 256
+
+
+class _RecordingNanny(_Nanny):
+    """A nanny that notes how its worker process ended (``_worker_exits``), so that a
+    task whose worker died can be told why (an exit code, a signal)."""
+
+    _recorded_pid: Optional[int] = None
+
+    async def instantiate(self) -> Any:
+        status = await super().instantiate()
+        process = getattr(self, "process", None)
+        self._recorded_pid = getattr(process, "pid", None)
+        return status
+
+    def _on_worker_exit_sync(self, exitcode: int) -> None:
+        if self._recorded_pid is not None:
+            if len(_worker_exits) >= _WORKER_EXITS_KEPT:
+                _worker_exits.pop(next(iter(_worker_exits)))
+            _worker_exits[self._recorded_pid] = exitcode
+        super()._on_worker_exit_sync(exitcode)
+
+
+def _how_it_died(pid: Optional[int]) -> str:
+    """How worker process ``pid`` ended, as far as its nanny told us (waits a moment)."""
+    if pid is None:
+        return "it died"
+    end = time.monotonic() + 2.0
+    while pid not in _worker_exits and time.monotonic() < end:
+        time.sleep(0.01)
+    exitcode = _worker_exits.get(pid)
+    if exitcode is None:
+        return "it died"
+    if exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exit code {exitcode}"
+
+
 def _apply(fn: Callable[..., Any], args: List[Any], kwargs: Dict[str, Any]) -> Any:
     """Call ``fn(*args, **kwargs)`` on a worker.
 
     Used only when a task's keyword arguments clash with ``Client.submit``'s own
-    (``key``, ``priority``...), which would otherwise be taken by Dask. Futures nested in
-    ``args`` and ``kwargs`` are still replaced by their values by Dask.
+    (``func``, ``key``, ``priority``...), which would otherwise be taken by Dask. Futures
+    nested in ``args`` and ``kwargs`` are still replaced by their values by Dask.
     """
     return fn(*args, **kwargs)
 
@@ -96,6 +144,87 @@ def _submit(client: Any, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: 
     if kwargs and not _SUBMIT_KEYWORDS.isdisjoint(kwargs):
         return client.submit(_apply, fn, list(args), dict(kwargs), pure=False, **options)
     return client.submit(fn, *args, pure=False, **options, **kwargs)
+
+
+def _name_of(fn: Any) -> str:
+    return str(getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn))
+
+
+class _PickledResult:
+    """A task's result, pickled by the task itself (see :func:`_run_logged`)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def __reduce__(self) -> Tuple[Any, Tuple[Any, ...]]:
+        return _PickledResult, (self.data,)
+
+
+class _UnpicklableResult:
+    """What a task returns when its result cannot be pickled: the reason, and the
+    pickling error itself when that one can travel."""
+
+    __slots__ = ("message", "cause")
+
+    def __init__(self, message: str, cause: Optional[BaseException]) -> None:
+        self.message = message
+        self.cause = cause
+
+    def __reduce__(self) -> Tuple[Any, Tuple[Any, ...]]:
+        return _UnpicklableResult, (self.message, self.cause)
+
+
+def _run_logged(folder: str, number: int, fn: Callable[..., Any], args: List[Any], kwargs: Dict[str, Any]) -> Any:
+    """On a worker of a cluster this backend started: run one task of an executor.
+
+    The task's start is recorded in the backend's start log (``folder``), so that if its
+    process dies the backend knows which task it was running. Its arguments travel as
+    plain arguments of this function, so Dask still replaces the futures among them,
+    and any keyword name reaches ``fn``. The result is pickled here, while the task still
+    counts as running: a result that cannot be pickled becomes that task's failure, and
+    one whose pickling kills the worker is a crash of this task. Dask would otherwise
+    pickle it only when the result is fetched, and compute it again after every such
+    crash, without end.
+    """
+    from distributed.protocol import pickle as dask_pickle
+
+    result = LoggedCall(folder, number, fn, tuple(args), kwargs)()
+    try:
+        return _PickledResult(dask_pickle.dumps(result))
+    except Exception as exc:
+        message = (
+            f"the result of task {_name_of(fn)} (a {type(result).__name__}) could not be pickled "
+            f"to be sent back: {type(exc).__name__}: {exc}"
+        )
+        try:
+            pickle.dumps(exc)
+            cause: Optional[BaseException] = exc
+        except Exception:
+            cause = None
+        return _UnpicklableResult(message, cause)
+
+
+def _unpicklable_argument(fn: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any], error: BaseException) -> Optional[pickle.PicklingError]:
+    """The ``PicklingError`` that says which part of a task could not be pickled, or
+    None if each part pickles on its own (``error`` was something else)."""
+    from distributed.protocol import pickle as dask_pickle
+
+    parts: List[Tuple[str, Any]] = [("the function", fn)]
+    parts += [(f"positional argument {i}", value) for i, value in enumerate(args)]
+    parts += [(f"keyword argument {name!r}", value) for name, value in kwargs.items()]
+    for what, value in parts:
+        try:
+            dask_pickle.dumps(value)
+        except Exception as exc:
+            failure = pickle.PicklingError(
+                f"{what} of task {_name_of(fn)} (a {type(value).__name__}) could not be pickled "
+                f"to be sent to a Dask worker: {type(exc).__name__}: {exc}"
+            )
+            failure.__cause__ = error
+            return failure
+    return None
 
 
 def _merge_options(base: DaskTaskOptions, overrides: Mapping[str, Any]) -> Dict[str, Any]:
@@ -148,23 +277,27 @@ def _local_layout(config: DaskConfig) -> Tuple[int, int]:
     return max(1, total // threads), threads
 
 
-async def _watch(client: Any, future: Any, on_done: DoneCallback, dispatch: ThreadPoolExecutor) -> None:
+async def _watch(client: Any, future: Any, report: Callable[[Any, bool, Any], None], dispatch: ThreadPoolExecutor) -> None:
     """On the client's event loop: wait for ``future``, fetch its outcome, report it.
 
     Fetching on the loop saves the thread round trip of ``Future.add_done_callback``
     followed by a blocking ``result()``. ``gather`` raises the task's own exception type
-    (or ``CancelledError`` once the future is cancelled). ``on_done`` runs on the
-    backend's dispatch thread, never on the loop: it may submit the next task, and it
-    completes a user-visible future whose callbacks may block.
+    (or ``CancelledError`` once the future is cancelled). ``report(key, ok, value)``
+    runs on the backend's dispatch thread, never on the loop: it may submit the next
+    task, and it completes a user-visible future whose callbacks may block. The future
+    itself is not kept: once its outcome is in, nothing holds the task's result on a
+    worker (where Dask would compute it again, were that worker lost).
     """
+    key = future.key
     try:
         outcome: Tuple[bool, Any] = (True, await client.gather(future, asynchronous=True))
     except BaseException as exc:  # the task's exception, a cancellation, a lost worker
         outcome = (False, exc)
+    del future
     try:
-        dispatch.submit(on_done, *outcome)
+        dispatch.submit(report, key, *outcome)
     except RuntimeError:  # the backend is shutting down: report from here instead
-        threading.Thread(target=on_done, args=outcome, daemon=True).start()
+        threading.Thread(target=report, args=(key, *outcome), daemon=True).start()
 
 
 #: Scheduler task states of a task that no worker has been given yet.
@@ -213,15 +346,54 @@ def _joined_worker_pids(dask_scheduler: Any) -> Dict[str, Any]:
     return {address: ws.pid for address, ws in dask_scheduler.workers.items() if ws.status.name in _JOINED_STATES}
 
 
+#: Times a task is submitted again because a worker it was given (but had not started
+#: on) died, or was killed to stop other tasks.
+_MAX_RESUBMITS = 3
+
+
+class _DaskTask:
+    """The token of one task of an executor: what to run, and its current Dask future."""
+
+    __slots__ = ("fn", "args", "kwargs", "options", "on_done", "number", "future", "key", "resubmits", "withdrawn", "stopped", "held")
+
+    def __init__(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any], options: Dict[str, Any], on_done: DoneCallback) -> None:
+        self.fn: Any = fn
+        self.args: Any = args
+        self.kwargs: Any = kwargs
+        self.options = options
+        self.on_done: Any = on_done
+        self.number = 0  # in the start log; 0 where none is kept
+        self.future: Any = None
+        self.key: Any = None
+        self.resubmits = 0
+        self.withdrawn = False
+        self.stopped = False
+        self.held: Optional[Tuple[Any, bool, Any]] = None  # an outcome that came in while withdrawing
+
+    def release(self) -> None:
+        self.fn = self.args = self.kwargs = self.on_done = self.future = None
+
+
 class _DaskRunner(TaskRunner):
-    """Runs one executor's tasks as Dask futures of the backend's client."""
+    """Runs one executor's tasks as Dask futures of the backend's client.
+
+    On a cluster of worker processes that the backend started, each task goes out
+    through :func:`_run_logged`, which records its start in the backend's start log.
+    The cluster's scheduler fails the tasks a dead worker held at once (no
+    ``allowed-failures`` retries, see ``_start_local``); the task that was running in
+    the dead process fails with :class:`WorkerCrashedError`, the others it held (given
+    to it but not started), and the tasks of a worker killed to stop other tasks, are
+    submitted again. On a cluster reached by ``address`` Dask's own
+    ``distributed.scheduler.allowed-failures`` applies, and its ``KilledWorker`` becomes
+    a ``WorkerCrashedError``.
+    """
 
     def __init__(self, backend: "DaskParallelBackend") -> None:
         self._backend = backend
         self._client = backend.client
+        self._log: Optional[StartLog] = backend._start_log
         self._base: Dict[str, Any] = _merge_options(backend.config.task, {})
-        self._merged: Dict[int, Tuple[Mapping[str, Any], Dict[str, Any]]] = {}
-        self._withdrawn: Set[Any] = set()
+        self._lock = threading.Lock()
 
     def enforces_bound(self, max_workers: int) -> bool:
         # Only a cluster of fixed size that we started (an external cluster may grow),
@@ -242,29 +414,12 @@ class _DaskRunner(TaskRunner):
             finite = False
         return finite and self.enforces_bound(max_workers)
 
-    def withdraw(self, tokens: List[Any]) -> List[bool]:
-        futures = [t for t in tokens if t is not None]
-        if not futures:
-            return [False] * len(tokens)
-        keys = {f.key for f in futures}
-        # Marked before asking: the cancellation may reach the client before the answer.
-        self._withdrawn.update(keys)
-        taken = set(self._backend._cancel_when_known(futures, only_unstarted=True)["cancelled"])
-        self._withdrawn.difference_update(keys - taken)
-        return [t is not None and t.key in taken for t in tokens]
-
     def check_options(self, options: Mapping[str, Any]) -> Dict[str, Any]:
         _merge_options(self._backend.config.task, options)
         return dict(options)
 
     def _options(self, options: Mapping[str, Any]) -> Dict[str, Any]:
-        if not options:
-            return self._base
-        cached = self._merged.get(id(options))
-        if cached is None or cached[0] is not options:
-            cached = (options, _merge_options(self._backend.config.task, options))
-            self._merged[id(options)] = cached
-        return cached[1]
+        return _merge_options(self._backend.config.task, options) if options else self._base
 
     def start(
         self,
@@ -274,22 +429,159 @@ class _DaskRunner(TaskRunner):
         options: Mapping[str, Any],
         on_done: DoneCallback,
     ) -> Any:
-        future = _submit(self._client, fn, args, kwargs, self._options(options))
-        key = future.key
+        self._backend._check_engine()
+        task = _DaskTask(fn, args, kwargs, self._options(options), on_done)
+        if self._log is not None:
+            task.number = self._log.call(fn, (), {}).number
+        self._submit(task)
+        return task
 
-        def report(ok: bool, value: Any) -> None:
-            # A task we withdrew is cancelled by the scheduler, which tells the client;
-            # the executor must not hear of it (it may even have handed it over again).
-            if not ok and isinstance(value, CancelledError) and key in self._withdrawn:
-                self._withdrawn.discard(key)
+    def _submit(self, task: _DaskTask) -> None:
+        """Submit ``task`` (again); raises what ``Client.submit`` raises, made clearer."""
+        client = self._client
+        try:
+            if self._log is not None:
+                future = client.submit(
+                    _run_logged, self._log.folder, task.number, task.fn, list(task.args), dict(task.kwargs),
+                    pure=False, **task.options,
+                )
+            else:
+                future = _submit(client, task.fn, task.args, task.kwargs, task.options)
+        except Exception as exc:
+            if not self._backend._engine_alive():
+                raise self._backend._engine_lost(exc) from exc
+            failure = _unpicklable_argument(task.fn, task.args, task.kwargs, exc)
+            if failure is not None:
+                raise failure from exc
+            raise
+        with self._lock:
+            task.future, task.key = future, future.key
+        client.loop.add_callback(_watch, client, future, lambda key, ok, value: self._reported(task, key, ok, value), self._backend._dispatch)
+
+    def _reported(self, task: _DaskTask, key: Any, ok: bool, value: Any) -> None:
+        """Dask's outcome of one submission of ``task``, on the dispatch thread."""
+        with self._lock:
+            if key != task.key or task.on_done is None or task.stopped:
+                return  # an earlier submission, or a task already reported or stopped
+            if task.withdrawn:
+                # Being taken back: the scheduler's cancellation (ignored if it was) or an
+                # outcome that withdraw() reports if the task could not be taken back.
+                task.held = (key, ok, value)
                 return
-            on_done(ok, value)
+            task.future = None
+        if ok:
+            ok, value = self._unpack(task, value)
+        else:
+            value = self._translate(task, value)
+            if value is None:  # submitted again
+                return
+        on_done = task.on_done
+        task.release()
+        on_done(ok, value)
 
-        self._client.loop.add_callback(_watch, self._client, future, report, self._backend._dispatch)
-        return future
+    @staticmethod
+    def _unpack(task: _DaskTask, value: Any) -> Tuple[bool, Any]:
+        if isinstance(value, _PickledResult):
+            try:
+                return True, pickle.loads(value.data)
+            except Exception as exc:
+                return False, exc
+        if isinstance(value, _UnpicklableResult):
+            failure = pickle.PicklingError(value.message)
+            failure.__cause__ = value.cause
+            return False, failure
+        return True, value
+
+    def _translate(self, task: _DaskTask, error: BaseException) -> Optional[BaseException]:
+        """The error the executor reports for a failed submission; None if it was
+        submitted again instead."""
+        backend = self._backend
+        if isinstance(error, CancelledError) and (
+            getattr(error, "reason", None) == "scheduler-connection-lost" or not backend._engine_alive()
+        ):
+            return backend._engine_lost(error)
+        if isinstance(error, distributed.KilledWorker):
+            return self._worker_died(task, error)
+        if self._log is None and isinstance(error, TypeError) and str(error).startswith("Could not serialize object"):
+            failure = pickle.PicklingError(
+                f"the result of task {_name_of(task.fn)} could not be pickled to be sent back: {error}"
+            )
+            failure.__cause__ = error
+            return failure
+        return error
+
+    def _worker_died(self, task: _DaskTask, error: BaseException) -> Optional[BaseException]:
+        name = _name_of(task.fn)
+        worker = getattr(error, "last_worker", None)
+        address = getattr(worker, "address", "?")
+        pid = getattr(worker, "pid", None)
+        if self._log is None:
+            crash = WorkerCrashedError(
+                f"the Dask worker {address} running task {name} died (Dask's own retries, "
+                f"distributed.scheduler.allowed-failures, did not help): {error}"
+            )
+            crash.__cause__ = error
+            return crash
+        killed_on_purpose = pid is not None and pid in self._backend._killed_pids
+        started_there = pid is not None and task.number in self._log.started_by(pid)
+        if (killed_on_purpose or not started_there) and task.resubmits < _MAX_RESUBMITS:
+            task.resubmits += 1
+            logger.debug("Dask: task %s was on worker %s (pid %s), which died; submitting it again", name, address, pid)
+            try:
+                if not task.stopped and not task.withdrawn:
+                    self._submit(task)
+                return None
+            except Exception as exc:
+                return exc
+        if started_there:
+            message = f"the Dask worker process (pid {pid}, {address}) running task {name} died ({_how_it_died(pid)})"
+        else:
+            message = f"task {name} was on Dask workers that died {task.resubmits + 1} times; last {address} (pid {pid})"
+        crash = WorkerCrashedError(message)
+        crash.__cause__ = error
+        return crash
+
+    def withdraw(self, tokens: List[Any]) -> List[bool]:
+        with self._lock:
+            asked = [t for t in tokens if t is not None and t.future is not None and not t.withdrawn and not t.stopped]
+            # Marked before asking: the cancellation may reach the client before the answer.
+            for t in asked:
+                t.withdrawn = True
+            futures = [t.future for t in asked]
+        if not futures:
+            return [False] * len(tokens)
+        try:  # one scheduler call for the whole batch
+            taken = set(self._backend._cancel_when_known(futures, only_unstarted=True)["cancelled"])
+        except Exception:
+            taken = set()
+        del futures
+        late = []
+        with self._lock:
+            for t in asked:
+                held, t.held = t.held, None
+                if t.key in taken:
+                    t.future = None
+                    t.release()
+                else:
+                    t.withdrawn = False
+                    if held is not None:
+                        late.append((t, held))
+        for t, held in late:  # its outcome came in while we asked: report it now
+            self._reported(t, *held)
+        chosen = set(map(id, asked))
+        return [id(t) in chosen and t.withdrawn for t in tokens]
 
     def stop(self, tokens: List[Any]) -> None:
-        self._backend._stop_futures([t for t in tokens if t is not None])
+        with self._lock:
+            futures = []
+            for t in tokens:
+                if t is None:
+                    continue
+                t.stopped = True
+                if t.future is not None:
+                    futures.append(t.future)
+                t.release()
+        self._backend._stop_futures(futures)
 
 
 class DaskParallelBackend(BaseParallelBackend, name="dask"):
@@ -316,6 +608,24 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
       it returns, and its result is discarded. The executor reports these futures as
       cancelled all the same. A warning says so once per backend.
 
+    Failures:
+
+    * a task that takes its worker process down (``os._exit``, a signal, a segfault, a
+      ``sys.exit`` in the task, or a result whose pickling kills the worker) fails with
+      :class:`~parallel_hydra.errors.WorkerCrashedError`, whose message names the task
+      and how the process died. On a cluster this backend started, that happens at
+      once (the cluster runs with ``distributed.scheduler.allowed-failures`` at 0: Dask
+      would otherwise run the task on up to 3 more workers, whatever ``task.retries``
+      says); the other tasks the dead worker held are submitted again. On a cluster
+      reached by ``address``, Dask's own ``allowed-failures`` of that scheduler applies
+      first, and its ``KilledWorker`` becomes the ``WorkerCrashedError``.
+    * an argument or a result that cannot be pickled fails its task with
+      ``pickle.PicklingError``, naming the task and what could not be pickled.
+    * when the scheduler dies or the connection to it is lost, every unfinished task
+      fails at once with :class:`~parallel_hydra.errors.EngineLostError`, naming the
+      scheduler's address, and so do later submits, ``executor()`` and
+      ``effective_n_jobs``; :meth:`shutdown` then only waits a moment for the client.
+
     Examples
     --------
     >>> with DaskParallelBackend(n_cpus=1) as backend:  # doctest: +SKIP
@@ -337,6 +647,11 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
         self._stop_lock = threading.Lock()
         self._layout: Optional[Tuple[int, int]] = None
         self._dropped: Set[Any] = set()
+        # Which task each worker process started last: only for worker processes we start.
+        self._start_log: Optional[StartLog] = None
+        # Worker processes that stop() killed on purpose: their tasks are submitted again.
+        self._killed_pids: Set[int] = set()
+        self._address = self.config.address or "a local cluster"
         # The engine's loggers follow logging_level, whatever the app's root logger says
         # (Hydra apps log INFO by default).
         logging.getLogger("distributed").setLevel(self.config.logging_level)
@@ -366,13 +681,25 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
         if config.local_directory is not None:
             kwargs["local_directory"] = config.local_directory
         logger.info("starting Dask: distributed.LocalCluster(%s)", ", ".join(f"{k}={v!r}" for k, v in kwargs.items()))
-        cluster = _OwnedLocalCluster(**kwargs)
+        if config.processes:
+            kwargs["worker_class"] = _RecordingNanny
+        import dask
+
+        # The scheduler (in this process) reads this when it is made. A task whose worker
+        # dies then fails at once, where Dask would try it on 3 more workers (killing
+        # each if it is the culprit); the runner blames only the task that was running
+        # there and submits the others again (see _DaskRunner).
+        with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+            cluster = _OwnedLocalCluster(**kwargs)
         try:
             self.client = distributed.Client(cluster, timeout=config.connect_timeout)
         except BaseException:
             cluster.close()
             raise
         self.cluster = cluster
+        self._address = self.client.scheduler.address
+        if config.processes:
+            self._start_log = StartLog()
 
     def _connect(self, address: str) -> None:
         config = self.config
@@ -397,13 +724,42 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
         client, cluster = self.client, self.cluster
         try:
             if client is not None:
-                client.close(timeout=max(10.0, self.config.wait_timeout))
+                # A client whose scheduler is gone would wait for it the whole timeout.
+                timeout = max(10.0, self.config.wait_timeout) if self._engine_alive() else 2.0
+                try:
+                    client.close(timeout=timeout)
+                except Exception as exc:
+                    if self._engine_alive():
+                        raise
+                    logger.debug("Dask: closing the client of a lost scheduler: %r", exc)
         finally:
             try:
                 if cluster is not None:
                     cluster.close(timeout=30)
             finally:
                 self._dispatch.shutdown(wait=False)
+                if self._start_log is not None:
+                    self._start_log.close()
+
+    def _engine_alive(self) -> bool:
+        """Whether the client is connected to its scheduler."""
+        client = self.client
+        return client is not None and client.status == "running"
+
+    def _engine_lost(self, error: Optional[BaseException] = None) -> EngineLostError:
+        """The error of every task once the scheduler is gone (``error``: Dask's)."""
+        status = getattr(self.client, "status", None)
+        lost = EngineLostError(
+            f"lost the Dask scheduler at {self._address} (client {status}); "
+            f"its unfinished tasks are gone. Start a new backend once a scheduler runs there again"
+        )
+        lost.__cause__ = error
+        return lost
+
+    def _check_engine(self) -> None:
+        """Raise ``EngineLostError`` naming the address if the scheduler is gone."""
+        if not self._engine_alive():
+            raise self._engine_lost()
 
     @property
     def owns_cluster(self) -> bool:
@@ -424,6 +780,7 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
         return int(sum(self.client.nthreads().values()))
 
     def _count_slots(self) -> int:
+        self._check_engine()
         self._await_whole_cluster()
         total = self._thread_total()
         if total == 0:
@@ -466,6 +823,12 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
         replacing = replacing or {}
         end = time.monotonic() + timeout
         while True:
+            closing = self._closing_workers()
+            if closing:
+                # Ctrl-C reached the worker processes too (a terminal signals the whole
+                # process group), or the cluster is being closed: nobody brings these back.
+                logger.info("Dask: worker(s) %s of the local cluster are closing; not waiting for workers", ", ".join(closing))
+                return
             joined = self._joined_workers()
             if len(joined) >= n and all(joined.get(address) != pid for address, pid in replacing.items()):
                 return
@@ -509,6 +872,9 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
             # will not run them again elsewhere when their workers die.
             done = self._cancel_when_known(futures, only_unstarted=False)
             self.client.cancel(futures, force=True)
+            # Noted before the kill: the tasks the scheduler fails with KilledWorker
+            # because of it are submitted again (see _DaskRunner._worker_died).
+            self._killed_pids.update(pid for pid in done["workers"].values() if pid)
             killed = {addr: pid for addr, pid in sorted(done["workers"].items()) if self._kill_worker(addr, pid)}
             if killed:
                 logger.info("Dask: killed worker(s) %s to stop %d task(s)", ", ".join(killed), len(done["cancelled"]))
@@ -577,6 +943,20 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
             logger.warning("Dask: worker %s (pid %s) did not exit after SIGKILL", address, pid)
         return True
 
+    def _closing_workers(self) -> List[str]:
+        """The names of the workers (nannies) of our cluster that are closing for good."""
+        cluster = self.cluster
+        if cluster is None:
+            return []
+        if cluster.status.name not in ("created", "running"):
+            return [str(name) for name in cluster.workers] or ["all"]
+        closing = []
+        for name, worker in list(cluster.workers.items()):
+            status = getattr(getattr(worker, "status", None), "name", "running")
+            if status in ("closing", "closing_gracefully", "closed", "failed"):
+                closing.append(str(name))
+        return closing
+
     def _restore_dropped_workers(self) -> None:
         """Start again any worker whose nanny the cluster closed (a safety net).
 
@@ -621,6 +1001,7 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
         A failed task raises its own exception; ``TimeoutError`` if the values are not
         ready within ``timeout`` seconds.
         """
+        self._check_open()
         many = isinstance(handles, (list, tuple))
         items = list(handles) if many else [handles]
         self._check_handles(items)
@@ -638,11 +1019,8 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
         """Submit ``fn(*args)`` with ``pure=False``; the handle is its Future."""
         return _submit(self.client, fn, args, kwargs, options)
 
-    def wait(self, handles: Sequence[Any], *, num_returns: int = 1, timeout: Optional[float] = None) -> Tuple[List[Any], List[Any]]:
-        handles = list(handles)
-        self._check_num_returns(handles, num_returns)
-        self._check_handles(handles)
-        return self._wait(handles, num_returns, timeout)
+    def _is_handle(self, obj: Any) -> bool:
+        return isinstance(obj, distributed.Future)
 
     @staticmethod
     def _wait(handles: List[Any], num_returns: int, timeout: Optional[float]) -> Tuple[List[Any], List[Any]]:

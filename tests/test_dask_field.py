@@ -1,0 +1,352 @@
+"""Field failures of the Dask backend: a scheduler that dies, workers that crash, data
+that cannot be pickled, Ctrl-C, and what the backend must not keep alive.
+
+Every test runs real Dask: the session's ``LocalCluster`` backend, the session's
+external cluster, or (where a scheduler is killed) a scheduler and workers of its own,
+each in a process group that the test stops at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import uuid
+from concurrent.futures import wait as futures_wait
+from pathlib import Path
+from typing import Any, Iterator, List
+
+import pytest
+
+import tasks
+from apps import MARKER, leftovers, wait_for_path, wait_until
+from dask_support import DaskTestCluster, _start_cluster, _stop_group
+from parallel_hydra import CancellationPolicy
+from parallel_hydra.backends.dask import DaskParallelBackend
+from parallel_hydra.errors import EngineLostError, WorkerCrashedError
+
+ROOT = Path(__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+
+
+# -- task functions (workers import this module by name) ----------------------------
+
+
+def note_then_die(path: str, how: str) -> None:
+    """Append a line to ``path`` (one per run), then take the worker process down."""
+    with open(path, "a") as notes:
+        notes.write("ran\n")
+    if how == "os._exit":
+        os._exit(3)
+    if how == "SIGKILL":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if how == "segfault":
+        import ctypes
+
+        ctypes.string_at(0)
+    if how == "sys.exit":
+        sys.exit(4)
+
+
+def append_line(path: str, line: str) -> str:
+    with open(path, "a") as notes:
+        notes.write(line + "\n")
+    return line
+
+
+def make_lock() -> Any:
+    return threading.Lock()
+
+
+class _KillsWhenPickled:
+    def __reduce__(self) -> Any:
+        os._exit(7)
+
+
+def make_pickle_bomb() -> Any:
+    return _KillsWhenPickled()
+
+
+def takes_func(x: int, func: int = 0, key: int = 0, pure: int = 0) -> int:
+    return x + func + key + pure
+
+
+# -- helpers ------------------------------------------------------------------------
+
+
+def _lines(path: Path) -> List[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+@pytest.fixture
+def own_cluster(tmp_path: Path) -> Iterator[DaskTestCluster]:
+    """A scheduler and two 1-thread workers that only this test uses (it may kill them)."""
+    workdir = tmp_path / "cluster"
+    workdir.mkdir()
+    cluster = _start_cluster(workdir)
+    try:
+        yield cluster
+    finally:
+        for process in reversed(cluster.processes):
+            _stop_group(process)
+
+
+# -- 1. the scheduler dies ----------------------------------------------------------
+
+
+def test_a_dead_scheduler_fails_every_task_promptly_naming_its_address(own_cluster: DaskTestCluster, tmp_path: Path) -> None:
+    address = own_cluster.address
+    backend = DaskParallelBackend(address=address, connect_timeout=5)
+    try:
+        executor = backend.executor(max_workers=2)
+        beats = [tmp_path / f"beat{i}" for i in range(20)]
+        futures = [executor.submit(tasks.heartbeat, str(beat), 3.0) for beat in beats]
+        wait_for_path(beats[0])
+        os.killpg(own_cluster.processes[0].pid, signal.SIGKILL)  # the scheduler
+        killed = time.monotonic()
+
+        done, not_done = futures_wait(futures, timeout=20)
+        settled = time.monotonic() - killed
+        assert not not_done, f"{len(not_done)} future(s) never settled"
+        assert settled < 10
+        errors = [f.exception() for f in futures]
+        assert all(isinstance(e, EngineLostError) for e in errors), {type(e).__name__ for e in errors}
+        assert all(address in str(e) for e in errors)
+        assert any(e.__cause__ is not None for e in errors)  # Dask's own error is kept
+
+        with pytest.raises(EngineLostError, match=address):
+            executor.submit(tasks.add, 1, 2)
+        started = time.monotonic()
+        executor.shutdown()
+        assert time.monotonic() - started < 5
+        with pytest.raises(EngineLostError, match=address):
+            backend.executor()
+        with pytest.raises(EngineLostError, match=address):
+            backend.effective_n_jobs(-1)
+    finally:
+        started = time.monotonic()
+        backend.shutdown()
+        assert time.monotonic() - started < 15
+
+
+def test_a_task_started_on_a_lost_client_fails_with_engine_lost(own_cluster: DaskTestCluster) -> None:
+    backend = DaskParallelBackend(address=own_cluster.address, connect_timeout=5)
+    try:
+        executor = backend.executor(max_workers=2)
+        assert executor.submit(tasks.add, 1, 2).result(timeout=60) == 3
+        os.killpg(own_cluster.processes[0].pid, signal.SIGKILL)
+        assert wait_until(lambda: backend.client.status != "running", 10)
+        future = executor.submit(tasks.add, 1, 2)
+        assert isinstance(future.exception(timeout=10), EngineLostError)
+        assert own_cluster.address in str(future.exception())
+        started = time.monotonic()
+        executor.shutdown()
+        assert time.monotonic() - started < 5
+    finally:
+        started = time.monotonic()
+        backend.shutdown()
+        assert time.monotonic() - started < 15
+
+
+# -- 2. a task kills its worker -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "how, death",
+    [("os._exit", "exit code 3"), ("SIGKILL", "SIGKILL"), ("segfault", "SIGSEGV"), ("sys.exit", "exit code")],
+)
+def test_a_task_that_kills_its_worker_fails_alone_and_at_once(
+    dask_backend: DaskParallelBackend, tmp_path: Path, how: str, death: str
+) -> None:
+    notes = tmp_path / "notes"
+    with dask_backend.executor(max_workers=2) as executor:
+        crash = executor.submit(note_then_die, str(notes), how)
+        others = [executor.submit(tasks.sleep_then, 0.3, i) for i in range(6)]
+        error = crash.exception(timeout=60)
+        assert isinstance(error, WorkerCrashedError), repr(error)
+        assert "note_then_die" in str(error) and death in str(error)
+        assert type(error.__cause__).__name__ == "KilledWorker"
+        # The tasks queued behind it on the same worker were run again, or finished.
+        assert [f.result(timeout=60) for f in others] == list(range(6))
+    assert _lines(notes) == ["ran"]  # not retried on other workers
+    with dask_backend.executor() as executor:  # the backend stays usable, and whole
+        assert list(executor.map(tasks.add, [1, 2], [3, 4])) == [4, 6]
+    assert dask_backend.effective_n_jobs(-1) == 2
+
+
+def test_a_killed_worker_on_a_cluster_by_address_is_a_worker_crash(own_cluster: DaskTestCluster, tmp_path: Path) -> None:
+    notes = tmp_path / "notes"
+    with DaskParallelBackend(address=own_cluster.address, connect_timeout=30) as backend:
+        with backend.executor(max_workers=2) as executor:
+            error = executor.submit(note_then_die, str(notes), "os._exit").exception(timeout=120)
+            assert isinstance(error, WorkerCrashedError), repr(error)
+            assert "note_then_die" in str(error) and "allowed-failures" in str(error)
+            assert type(error.__cause__).__name__ == "KilledWorker"
+
+
+def test_a_keyword_argument_named_func_reaches_the_task(dask_backend: DaskParallelBackend, dask_cluster_address: str) -> None:
+    with dask_backend.executor() as executor:
+        assert executor.submit(takes_func, 1, func=2, key=3, pure=4).result(timeout=60) == 10
+    with DaskParallelBackend(address=dask_cluster_address, connect_timeout=30) as backend:
+        with backend.executor() as executor:
+            assert executor.submit(takes_func, 1, func=2).result(timeout=60) == 3
+            assert executor.submit(takes_func, 1, func=2, key=3).result(timeout=60) == 6
+
+
+# -- 3. finished tasks are not run again --------------------------------------------
+
+
+def test_running_policy_does_not_run_finished_tasks_again(dask_backend: DaskParallelBackend, tmp_path: Path) -> None:
+    notes = tmp_path / "notes"
+    beats = [tmp_path / "beat0", tmp_path / "beat1"]
+    with dask_backend.executor(max_workers=2, cancel_futures=CancellationPolicy.RUNNING) as executor:
+        assert [f.result(timeout=60) for f in [executor.submit(append_line, str(notes), f"x{i}") for i in range(2)]] == ["x0", "x1"]
+        for beat in beats:  # one long task on each worker: both workers get killed
+            executor.submit(tasks.heartbeat, str(beat), 60.0)
+        for beat in beats:
+            wait_for_path(beat)
+    time.sleep(1.0)  # a recomputation would have started by now
+    assert dask_backend.effective_n_jobs(-1) == 2
+    assert sorted(_lines(notes)) == ["x0", "x1"]
+
+
+# -- 4. what cannot be pickled ------------------------------------------------------
+
+
+def test_an_unpicklable_argument_or_result_fails_its_future(dask_backend: DaskParallelBackend, dask_cluster_address: str) -> None:
+    with DaskParallelBackend(address=dask_cluster_address, connect_timeout=30) as joined:
+        for backend in (dask_backend, joined):
+            with backend.executor() as executor:
+                by_position = executor.submit(tasks.length, threading.Lock())
+                by_name = executor.submit(tasks.add, 1, b=threading.Lock())
+                result = executor.submit(make_lock)
+                fine = executor.submit(tasks.add, 1, 2)
+                error = by_position.exception(timeout=60)
+                assert isinstance(error, pickle.PicklingError), repr(error)
+                assert "length" in str(error) and "positional argument 0" in str(error) and error.__cause__ is not None
+                error = by_name.exception(timeout=60)
+                assert isinstance(error, pickle.PicklingError), repr(error)
+                assert "add" in str(error) and "keyword argument 'b'" in str(error)
+                error = result.exception(timeout=60)
+                assert isinstance(error, pickle.PicklingError), repr(error)
+                assert "make_lock" in str(error) and "result" in str(error)
+                assert fine.result(timeout=60) == 3
+
+
+def test_a_result_whose_pickling_kills_the_worker_ends_with_an_error(dask_backend: DaskParallelBackend) -> None:
+    with dask_backend.executor() as executor:
+        error = executor.submit(make_pickle_bomb).exception(timeout=60)
+        assert isinstance(error, WorkerCrashedError), repr(error)
+        assert "make_pickle_bomb" in str(error) and "exit code 7" in str(error)
+    with dask_backend.executor() as executor:
+        assert executor.submit(tasks.add, 1, 2).result(timeout=60) == 3
+
+
+# -- 5. an abandoned map ------------------------------------------------------------
+
+
+def test_an_abandoned_map_is_withdrawn_in_one_scheduler_call(
+    dask_backend: DaskParallelBackend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from parallel_hydra.backends import dask as dask_module
+
+    client = dask_backend.client
+    cancel_calls: List[Any] = []
+    scheduler_calls: List[int] = []
+    real_run, real_cancel = client.run_on_scheduler, client.cancel
+
+    def run_on_scheduler(function: Any, *args: Any, **kwargs: Any) -> Any:
+        if function is dask_module._cancel_on_scheduler:
+            scheduler_calls.append(len(kwargs["keys"]))
+        return real_run(function, *args, **kwargs)
+
+    def cancel(futures: Any, *args: Any, **kwargs: Any) -> Any:
+        cancel_calls.append(futures)
+        return real_cancel(futures, *args, **kwargs)
+
+    monkeypatch.setattr(client, "run_on_scheduler", run_on_scheduler)
+    monkeypatch.setattr(client, "cancel", cancel)
+    with dask_backend.executor(max_workers=2, cancel_futures=CancellationPolicy.ALL) as executor:
+        results = executor.map(tasks.sleep_then, [0.2] * 40, range(40), chunksize=1)
+        assert next(results) == 0
+        results.close()
+        assert len(scheduler_calls) == 1 and scheduler_calls[0] >= 30, scheduler_calls
+    assert all(isinstance(futures, list) for futures in cancel_calls)
+
+
+# -- 6. after shutdown --------------------------------------------------------------
+
+
+def test_get_and_wait_after_shutdown_say_so() -> None:
+    backend = DaskParallelBackend(n_cpus=1, processes=False)
+    handle = backend.put([1, 2])
+    assert backend.get(handle, timeout=30) == [1, 2]
+    backend.shutdown()
+    with pytest.raises(RuntimeError, match="the dask backend was shut down"):
+        backend.get(handle)
+    with pytest.raises(RuntimeError, match="the dask backend was shut down"):
+        backend.wait([handle])
+
+
+# -- 7. Ctrl-C ----------------------------------------------------------------------
+
+CTRL_C_APP = """\
+import os
+import time
+from pathlib import Path
+
+from parallel_hydra import MapReduceJob
+from parallel_hydra.backends.dask import DaskParallelBackend
+
+
+def work(chunk):
+    Path(os.environ["RUNNING_FLAG"]).joinpath(str(os.getpid())).touch()
+    time.sleep(300)
+    return chunk
+
+
+if __name__ == "__main__":
+    with DaskParallelBackend(n_cpus=2) as backend:
+        print(MapReduceJob(list(range(4)), work, sum, config=backend, n_jobs=2)(), flush=True)
+"""
+
+
+def test_ctrl_c_on_an_app_running_a_map_reduce_job_exits_promptly(tmp_path: Path) -> None:
+    app = tmp_path / "app.py"
+    app.write_text(textwrap.dedent(CTRL_C_APP))
+    flags = tmp_path / "running"
+    flags.mkdir()
+    marker = uuid.uuid4().hex
+    env = dict(os.environ, RUNNING_FLAG=str(flags), **{MARKER: marker})
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(TESTS), env.get("PYTHONPATH", "")])
+    log = open(tmp_path / "app.log", "wb")
+    proc = subprocess.Popen(
+        [sys.executable, str(app)], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        assert wait_until(lambda: len(list(flags.iterdir())) == 2, 120), (tmp_path / "app.log").read_text()
+        os.killpg(proc.pid, signal.SIGINT)  # as a terminal does: the whole group
+        interrupted = time.monotonic()
+        try:
+            code = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the app did not exit within 30 s of Ctrl-C:\n{(tmp_path / 'app.log').read_text()[-3000:]}")
+        elapsed = time.monotonic() - interrupted
+        assert code != 0
+        assert leftovers(marker) == []
+        print(f"exited {elapsed:.1f} s after Ctrl-C with code {code}")
+    finally:
+        log.close()
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        else:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
