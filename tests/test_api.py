@@ -239,3 +239,16 @@ def test_shutting_down_a_backend_shuts_down_its_open_executors(tmp_path) -> None
     assert running.cancelled()
     with pytest.raises(RuntimeError, match="shutdown"):
         executor.submit(tasks.add, 1)
+
+
+def test_ci_fails_a_run_in_which_a_test_skipped(tmp_path) -> None:
+    probe = tmp_path / "test_probe.py"
+    probe.write_text("import pytest\n\ndef test_engine_missing():\n    pytest.skip('no such engine here')\n")
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "conftest", "-p", "no:cacheprovider",
+               "--rootdir", str(tmp_path), str(probe)]
+    for ci, expected in (("true", 1), ("", 0)):
+        env = {**os.environ, "CI": ci, "PYTHONPATH": os.pathsep.join([tests_dir, os.environ.get("PYTHONPATH", "")])}
+        run = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert run.returncode == expected, run.stdout + run.stderr
+    assert "1 skipped" in run.stdout

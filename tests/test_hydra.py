@@ -110,6 +110,18 @@ def test_the_example_app_sweeps_policies(tmp_path: Path) -> None:
     assert len(re.findall(r"backend=joblib workers=1 ", run.stdout)) == 2
 
 
+def test_the_example_gives_one_interval_on_any_machine_and_engine(tmp_path: Path) -> None:
+    # One seed, one result: the CPU count and the engine change how fast, never what.
+    settings = [["parallel.n_cpus=1"], ["parallel.n_cpus=2"], ["parallel=ray", "parallel.n_cpus=2"],
+                ["parallel=dask", "parallel.n_cpus=1"]]
+    runs = [run_app(REPO / "examples" / "train.py", ["bootstrap.n_resamples=40", *extra], cwd=tmp_path)
+            for extra in settings]
+    for run in runs:
+        assert run.returncode == 0, run.output
+    intervals = {re.search(r"ci=(\[[^\]]+\])", r.stdout).group(1) for r in runs}
+    assert len(intervals) == 1, intervals
+
+
 def test_the_example_is_reproducible_by_seed(tmp_path: Path) -> None:
     runs = [run_app(REPO / "examples" / "train.py", ["bootstrap.n_resamples=40", f"bootstrap.seed={s}"], cwd=tmp_path)
             for s in (1, 1, 2)]
