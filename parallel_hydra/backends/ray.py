@@ -32,15 +32,18 @@ import ipaddress
 import logging
 import math
 import os
+import pickle
 import socket
 import sys
 import threading
 import time
+import weakref
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from ..backend import BaseParallelBackend, available_cpus
 from ..config import ParallelConfig, RayConfig, RayTaskOptions, plain
+from ..errors import EngineLostError, WorkerCrashedError
 from ..executor import DoneCallback, TaskRunner
 
 __all__ = ["RayParallelBackend"]
@@ -56,12 +59,157 @@ _AUTH_MODE_ENV = "RAY_AUTH_MODE"
 #: Seconds stop() waits for force-cancelled tasks to be gone before it gives up.
 _STOP_TIMEOUT = 30.0
 
-# How many live backends share the Ray session (a local runtime, or a cluster joined by
-# address) that one of them opened. Ray allows one session per process, so it is
-# stopped or disconnected when the last of them shuts down.
-_runtime_lock = threading.Lock()
-_runtime_users = 0
-_session_joined = False  # whether that shared session is a cluster joined by address
+#: Seconds a verdict on whether some node can run a task's resources is reused.
+_PLACEMENT_TTL = 2.0
+
+#: Seconds a refused connection may go on before connecting gives up (nothing listens).
+_REFUSED_GRACE = 3.0
+
+#: How often the watch of a joined cluster's head probes it, and for how long the head
+#: may refuse connections (it is gone) or not answer (unreachable) before the session
+#: counts as lost.
+_WATCH_INTERVAL = 0.5
+_LOST_REFUSED = 1.5
+_LOST_SILENT = 30.0
+
+
+class _SharedSession:
+    """The one Ray session of this process, shared by the backends that opened or joined it.
+
+    Ray allows one session per process. The first backend opens it (a local runtime, or
+    a cluster joined by address); later backends share it; the last one to leave stops
+    it (or disconnects). A session that user code opened is used but never counted, and
+    never stopped. A cluster joined by address is watched (:class:`_HeadWatch`), so that
+    its head's death fails our tasks instead of leaving them waiting.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._users = 0
+        self._joined = False
+        self._watch: Optional["_HeadWatch"] = None
+
+    @property
+    def users(self) -> int:
+        return self._users
+
+    def acquire(self, ray: Any, open_session: Callable[[], bool]) -> Tuple[bool, bool]:
+        """Use the session, opening it with ``open_session`` if Ray runs nowhere yet.
+
+        ``open_session`` returns whether it joined a cluster by address. Returns
+        ``(counted, joined)``: whether the caller counts among the session's users (it
+        must then :meth:`release` it), and whether the session is a joined cluster.
+        """
+        with self._lock:
+            if ray.is_initialized():
+                if self._users > 0:
+                    self._users += 1
+                    logger.info("reusing the Ray session of another ray backend")
+                    return True, self._joined
+                logger.info("Ray is already initialised in this process; using that session (not stopping it at shutdown)")
+                return False, False
+            joined = open_session()
+            self._users += 1
+            self._joined = joined
+            return True, joined
+
+    def watch(self, host: str, port: int, address: str) -> "_HeadWatch":
+        """Start watching the head of the joined cluster (once per session)."""
+        with self._lock:
+            if self._watch is None:
+                self._watch = _HeadWatch(host, port, address)
+            return self._watch
+
+    def release(self, ray: Any, address: Optional[str]) -> None:
+        """Stop using the session; the last user stops it (or disconnects from it)."""
+        with self._lock:
+            self._users -= 1
+            if self._users > 0:
+                return
+            watch, self._watch = self._watch, None
+            if watch is not None:
+                watch.close()
+            if self._joined:
+                # We only joined this cluster: disconnect this driver; the cluster keeps
+                # running (ray.shutdown stops only what its ray.init started).
+                logger.info("disconnecting from the Ray cluster at %r", address)
+            else:
+                # We (or a backend we shared with) started it: stop it.
+                logger.info("stopping the local Ray runtime")
+            self._joined = False
+            ray.shutdown()
+
+
+_session = _SharedSession()
+
+
+class _HeadWatch:
+    """Watches the head of a joined cluster; when it is gone, tells its listeners.
+
+    Ray 2.60 gives a driver no word when the head dies. If the driver shares the
+    head's node (its raylet and object store), Ray ends the whole process once its
+    connection to the object store breaks; otherwise the driver's calls retry for
+    ``gcs_rpc_server_reconnect_timeout_s`` (60 s) before Ray ends the process too. Our
+    tasks' ObjectRefs never settle in between. So a thread probes the head's port
+    (a plain TCP connect, twice a second): once it refuses connections for
+    ``_LOST_REFUSED`` seconds (or does not answer for ``_LOST_SILENT``), every listener
+    is told, and fails its tasks with :class:`EngineLostError`.
+    """
+
+    def __init__(self, host: str, port: int, address: str) -> None:
+        self._host, self._port, self._address = host, port, address
+        self._listeners: "weakref.WeakSet[Any]" = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self.lost: Optional[EngineLostError] = None
+        self._thread = threading.Thread(target=self._run, name="parallel_hydra-ray-head-watch", daemon=True)
+        self._thread.start()
+
+    def add(self, listener: Any) -> None:
+        """``listener.engine_lost(error)`` is called once the head is gone."""
+        with self._lock:
+            self._listeners.add(listener)
+
+    def discard(self, listener: Any) -> None:
+        with self._lock:
+            self._listeners.discard(listener)
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        failing_since: Optional[float] = None
+        while not self._stop.wait(_WATCH_INTERVAL):
+            try:
+                with socket.create_connection((self._host, self._port), timeout=5.0):
+                    pass
+            except ConnectionRefusedError as exc:
+                failing_since = failing_since or time.monotonic()
+                if time.monotonic() - failing_since >= _LOST_REFUSED:
+                    self._declare_lost(f"its head refuses connections ({exc})")
+                    return
+            except OSError as exc:
+                failing_since = failing_since or time.monotonic()
+                if time.monotonic() - failing_since >= _LOST_SILENT:
+                    self._declare_lost(f"its head has not answered for {_LOST_SILENT:.0f} s ({exc})")
+                    return
+            else:
+                failing_since = None
+
+    def _declare_lost(self, why: str) -> None:
+        error = EngineLostError(
+            f"lost the Ray cluster at address {self._address!r}: {why}. Its tasks cannot "
+            f"finish; Ray will end this process once it gives up on the cluster."
+        )
+        with self._lock:
+            self.lost = error
+            listeners = list(self._listeners)
+        logger.error("%s", error)
+        for listener in listeners:
+            try:
+                listener.engine_lost(error)
+            except Exception:  # pragma: no cover - one listener must not spare the others
+                logger.exception("could not fail the tasks of a lost Ray cluster")
 
 
 def _import_ray() -> Any:
@@ -182,16 +330,140 @@ def _submit(cache: _RemoteCache, fn: Callable[..., Any], args: Tuple[Any, ...], 
     return remote.remote(*args, **kwargs)
 
 
+def _task_name(fn: Any) -> str:
+    """A readable name of a task's callable, for messages."""
+    inner = getattr(fn, "func", None)  # functools.partial
+    if inner is not None and not hasattr(fn, "__qualname__"):
+        return f"partial({_task_name(inner)})"
+    name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None)
+    if not isinstance(name, str):
+        return repr(fn)[:80]
+    module = getattr(fn, "__module__", None)
+    return f"{module}.{name}" if isinstance(module, str) and module not in ("builtins", "__main__") else name
+
+
+class _RemoteTraceback(Exception):
+    """The traceback of a task's exception in the Ray worker, as text.
+
+    Attached as the ``__cause__`` of the exception a future raises, so that the frames
+    of the function that raised (gone with the worker) still show in its traceback.
+    """
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _remote_traceback_text(traceback_str: str) -> str:
+    # Ray's own frame (its Cython task loop) says nothing to the user: drop it.
+    lines = [line for line in traceback_str.rstrip().splitlines() if 'File "python/ray/_raylet.pyx"' not in line]
+    body = "\n".join(lines)
+    return f'\n"""\n(in the Ray worker)\n{body}\n"""'
+
+
+def _attach_remote_traceback(exc: BaseException, traceback_str: Optional[str]) -> None:
+    """Hang the worker's traceback text at the end of ``exc``'s chain of causes."""
+    if not traceback_str:
+        return
+    end, seen = exc, 0
+    while end.__cause__ is not None and seen < 20:
+        if isinstance(end.__cause__, _RemoteTraceback):
+            return  # already attached
+        end, seen = end.__cause__, seen + 1
+    end.__cause__ = _RemoteTraceback(_remote_traceback_text(traceback_str))
+
+
 def _unwrap(ray: Any, exc: BaseException) -> BaseException:
-    """The task's own exception behind Ray's ``RayTaskError`` wrapper."""
+    """The task's own exception behind Ray's ``RayTaskError`` wrapper, with the
+    worker's traceback as its cause."""
     if isinstance(exc, ray.exceptions.RayTaskError):
         cause = getattr(exc, "cause", None)
         if isinstance(cause, BaseException):
+            # The instance ray.get raises (of a class made from RayTaskError and the
+            # cause's class) has no traceback_str; its text holds the traceback.
+            _attach_remote_traceback(cause, getattr(exc, "traceback_str", None) or str(exc))
             return cause
     return exc
 
 
+def _is_serialization_error(exc: BaseException) -> bool:
+    """Whether ``exc`` (raised by ``.remote()``) says an argument or the function could
+    not be pickled."""
+    return isinstance(exc, (TypeError, pickle.PicklingError)) and str(exc).startswith("Could not serialize")
+
+
+def _pickling_error(name: str, exc: BaseException) -> pickle.PicklingError:
+    """Ray's complaint about an unpicklable argument of task ``name``, in our words."""
+    # Ray's message opens with "Could not serialize the argument <obj> for a task or
+    # actor <fn>:", then pages of its serializability check: keep the first line, and
+    # the innermost reason.
+    first = str(exc).strip().splitlines()[0].rstrip(":")
+    inner = exc
+    while inner.__cause__ is not None and inner.__cause__ is not inner:
+        inner = inner.__cause__
+    reason = f" ({inner})" if inner is not exc else ""
+    error = pickle.PicklingError(f"task {name}: an argument could not be pickled to send it to Ray: {first}{reason}")
+    error.__cause__ = exc
+    return error
+
+
 # -- the executor's engine side --------------------------------------------------------
+
+
+class _RayTask:
+    """The token of one task handed to Ray: its ObjectRef and what the runner knows of it.
+
+    ``state`` is ``running`` until the task ends one way: ``done`` (reported),
+    ``withdrawn`` (taken back unstarted) or ``stopped`` (force-cancelled).
+    """
+
+    __slots__ = ("ref", "name", "on_done", "demand", "unplaceable", "state")
+
+    def __init__(self, name: str, on_done: DoneCallback, demand: "_Demand") -> None:
+        self.ref: Any = None
+        self.name = name
+        self.on_done: Optional[DoneCallback] = on_done
+        self.demand = demand
+        self.unplaceable = False
+        self.state = "running"
+
+
+#: A task's resource demand: sorted ``(resource, amount)`` pairs of nonzero amounts.
+_Demand = Tuple[Tuple[str, float], ...]
+
+
+def _demand_of(options: Mapping[str, Any]) -> _Demand:
+    """What a task with these (merged) Ray options reserves on a node."""
+    demand: Dict[str, float] = {}
+    cpus = options.get("num_cpus")
+    demand["CPU"] = 1.0 if cpus is None else float(cpus)  # Ray's default for a task
+    demand["GPU"] = float(options.get("num_gpus") or 0.0)
+    demand["memory"] = float(options.get("memory") or 0.0)
+    for name, amount in (options.get("resources") or {}).items():
+        demand[str(name)] = float(amount)
+    return tuple(sorted((name, amount) for name, amount in demand.items() if amount > 0))
+
+
+def _fits(demand: _Demand, totals: Sequence[Mapping[str, float]]) -> bool:
+    """Whether some node with these total resources can run a task of ``demand``."""
+    return any(all(node.get(name, 0.0) + 1e-9 >= amount for name, amount in demand) for node in totals)
+
+
+def _describe_nodes(totals: Sequence[Mapping[str, float]]) -> str:
+    if not totals:
+        return "no alive node"
+    shown = []
+    for node in totals:
+        parts = []
+        for name, amount in sorted(node.items()):
+            if name.startswith("node:") or name == "object_store_memory":
+                continue
+            parts.append(f"{name}: {amount:g}")
+        shown.append("{" + ", ".join(parts) + "}")
+    return f"{len(totals)} alive node(s) with " + ", ".join(shown)
 
 
 class _RayRunner(TaskRunner):
@@ -201,8 +473,22 @@ class _RayRunner(TaskRunner):
         self._backend = backend
         self._ray = backend._ray
         self._cache = backend._remote_cache
-        self._error_type = self._ray.exceptions.RayError
-        self._task_error = self._ray.exceptions.RayTaskError
+        exceptions = self._ray.exceptions
+        self._error_type = exceptions.RayError
+        self._task_error = exceptions.RayTaskError
+        self._crash_errors = tuple(
+            getattr(exceptions, name)
+            for name in ("WorkerCrashedError", "OutOfMemoryError", "NodeDiedError", "LocalRayletDiedError")
+            if hasattr(exceptions, name)
+        )
+        self._system_error = exceptions.RaySystemError
+        self._lock = threading.Lock()
+        self._live: Set[_RayTask] = set()
+        self._base_demand = _demand_of(backend._task_defaults)
+        self._demands: Dict[int, Tuple[Mapping[str, Any], _Demand]] = {}
+        watch = backend._watch
+        if watch is not None:
+            watch.add(self)
 
     def check_options(self, options: Mapping[str, Any]) -> Dict[str, Any]:
         return check_task_options(options)
@@ -210,38 +496,154 @@ class _RayRunner(TaskRunner):
     def enforces_bound(self, max_workers: int) -> bool:
         # True only when the cluster has no room for more than max_workers of our tasks
         # (with the config's task options), so Ray's own scheduler is the bound. Only a
-        # runtime this process started has a known, fixed size: a cluster may autoscale.
-        if not self._backend._started_runtime and not self._backend._shares_runtime:
+        # runtime this process started has a known, fixed size: a cluster joined by
+        # address may autoscale, or gain nodes started by hand.
+        if not self._backend._owns_runtime():
             return False
         slots = self._backend._task_slots(exact=True)
         return slots is not None and slots <= max_workers
 
+    def can_withdraw(self, max_workers: int) -> bool:
+        # A task that no node can run waits in Ray unstarted: it can be taken back.
+        return True
+
+    def _demand(self, options: Mapping[str, Any]) -> _Demand:
+        if not options:
+            return self._base_demand
+        cached = self._demands.get(id(options))
+        if cached is None or cached[0] is not options:
+            merged = dict(self._backend._task_defaults)
+            merged.update({key: value for key, value in options.items() if value is not None})
+            cached = (options, _demand_of(merged))
+            if len(self._demands) > 256:
+                self._demands.clear()
+            self._demands[id(options)] = cached
+        return cached[1]
+
     def start(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any], options: Mapping[str, Any], on_done: DoneCallback) -> Any:
-        ref = _submit(self._cache, fn, args, kwargs, options)
-        error_type, task_error = self._error_type, self._task_error
+        watch = self._backend._watch
+        if watch is not None and watch.lost is not None:
+            raise watch.lost
+        demand = self._demand(options)
+        token = _RayTask(_task_name(fn), on_done, demand)
+        token.unplaceable = not self._backend._placeable(demand, token.name)
+        try:
+            ref = _submit(self._cache, fn, args, kwargs, options)
+        except Exception as exc:
+            if _is_serialization_error(exc):
+                raise _pickling_error(token.name, exc) from None
+            raise
+        token.ref = ref
+        with self._lock:
+            self._live.add(token)
 
         def completed(value: Any) -> None:
-            # Ray hands over the value, or the error object when the task failed. An
-            # exception *returned* by a task is a value: only Ray's errors are failures.
-            if isinstance(value, error_type):
-                if isinstance(value, task_error) and isinstance(getattr(value, "cause", None), BaseException):
-                    value = value.cause
-                on_done(False, value)
-            else:
-                on_done(True, value)
+            try:
+                self._completed(token, value)
+            except BaseException as exc:  # Ray would only log it: the future must end
+                self._report(token, False, exc)
 
         on_completed = getattr(ref, "_on_completed", None)
         if on_completed is not None:
             # Measured here: ~7% cheaper per task than ObjectRef.future() callbacks.
             on_completed(completed)
         else:  # pragma: no cover - a Ray without the private hook
-            ref.future().add_done_callback(lambda f: on_done(False, _unwrap(self._ray, f.exception())) if f.exception() else on_done(True, f.result()))
-        return ref
+            ref.future().add_done_callback(
+                lambda f: self._completed(token, f.exception() if f.exception() is not None else f.result())
+            )
+        return token
+
+    def _completed(self, token: _RayTask, value: Any) -> None:
+        # Ray hands over the value, or the error object when the task failed. An
+        # exception *returned* by a task is a value: only Ray's errors are failures.
+        if isinstance(value, self._error_type):
+            self._report(token, False, self._translate(token, value))
+        else:
+            self._report(token, True, value)
+
+    def _translate(self, token: _RayTask, error: BaseException) -> BaseException:
+        """Ray's error for a task, as the exception its future raises."""
+        if isinstance(error, self._task_error):
+            traceback_str = getattr(error, "traceback_str", "") or ""
+            cause = _unwrap(self._ray, error)
+            if cause is not error and "store_task_outputs" in traceback_str and isinstance(
+                cause, (TypeError, AttributeError, pickle.PicklingError)
+            ):
+                # Ray could not pickle the value the task returned.
+                failure = pickle.PicklingError(f"task {token.name}: its result could not be pickled to send it back: {cause}")
+                failure.__cause__ = cause
+                return failure
+            return cause
+        if isinstance(error, self._crash_errors):
+            crash = WorkerCrashedError(
+                f"the Ray worker process running task {token.name} died before the task returned "
+                f"({type(error).__name__}: a segmentation fault, os._exit, sys.exit, or a signal "
+                f"such as the out-of-memory killer's SIGKILL). Ray says: {error}"
+            )
+            crash.__cause__ = error
+            return crash
+        if isinstance(error, self._system_error) and "deserializ" in (getattr(error, "traceback_str", "") or ""):
+            inner = getattr(error, "client_exc", None)
+            unpickling = pickle.UnpicklingError(
+                f"task {token.name}: its result could not be unpickled in this process: {inner!r}"
+            )
+            unpickling.__cause__ = inner if isinstance(inner, BaseException) else error
+            return unpickling
+        return error
+
+    def _report(self, token: _RayTask, ok: bool, value: Any) -> None:
+        with self._lock:
+            if token.state != "running":
+                return
+            token.state = "done"
+            self._live.discard(token)
+        on_done, token.on_done = token.on_done, None
+        if on_done is not None:
+            on_done(ok, value)
+
+    def _forget(self, token: _RayTask, state: str) -> bool:
+        """Mark a task withdrawn or stopped; False if it had already ended."""
+        with self._lock:
+            if token.state != "running":
+                return False
+            token.state = state
+            self._live.discard(token)
+        token.on_done = None
+        return True
+
+    def withdraw(self, tokens: List[Any]) -> List[bool]:
+        # Only tasks that no node could run when they were handed over, and still none
+        # can (a node may have joined since): those never started. Cheap for the rest.
+        taken = [False] * len(tokens)
+        candidates = [i for i, t in enumerate(tokens) if t is not None and t.unplaceable and t.state == "running"]
+        if not candidates:
+            return taken
+        try:
+            totals = self._backend._node_totals()
+        except Exception as exc:  # the cluster cannot say: take nothing back
+            logger.debug("could not read the Ray cluster's nodes: %s", exc)
+            return taken
+        for i in candidates:
+            token = tokens[i]
+            if _fits(token.demand, totals) or not self._forget(token, "withdrawn"):
+                continue
+            try:
+                # Not forced: a task that waits for a node is dropped from Ray's queue.
+                self._ray.cancel(token.ref, force=False)
+            except Exception as exc:
+                logger.debug("ray.cancel(%s) failed: %s", token.ref, exc)
+            taken[i] = True
+        return taken
 
     def stop(self, tokens: List[Any]) -> None:
         # force=True kills the worker process running the task: the work really ends.
         # Ray starts new workers for later tasks.
-        refs = [ref for ref in tokens if ref is not None]
+        refs = []
+        for token in tokens:
+            if token is None:
+                continue
+            self._forget(token, "stopped")
+            refs.append(token.ref)
         for ref in refs:
             try:
                 self._ray.cancel(ref, force=True)
@@ -250,15 +652,30 @@ class _RayRunner(TaskRunner):
         # ray.cancel only asks; the worker dies a little later. The work must have
         # ended when stop() returns, so wait (bounded) until Ray settles every ref:
         # a force-cancelled task's ref settles once its worker is gone.
-        if refs:
+        watch = self._backend._watch
+        if refs and (watch is None or watch.lost is None):
             deadline = time.monotonic() + _STOP_TIMEOUT
             pending = refs
             while pending and time.monotonic() < deadline:
                 _, pending = self._ray.wait(
                     pending, num_returns=len(pending), timeout=min(1.0, deadline - time.monotonic()), fetch_local=False
                 )
+                if watch is not None and watch.lost is not None:
+                    break
             if pending:
                 logger.warning("%d cancelled Ray task(s) had not ended after %.0f s", len(pending), _STOP_TIMEOUT)
+
+    def engine_lost(self, error: EngineLostError) -> None:
+        """The cluster's head is gone: every task still running fails with ``error``."""
+        with self._lock:
+            lost = list(self._live)
+        for token in lost:
+            self._report(token, False, error)
+
+    def close(self) -> None:
+        watch = self._backend._watch
+        if watch is not None:
+            watch.discard(self)
 
 
 # -- connecting -----------------------------------------------------------------------
@@ -288,21 +705,35 @@ def _is_loopback(host: str) -> bool:
 def _probe(host: str, port: int, deadline: float, shown: str) -> None:
     """Wait until ``host:port`` accepts a TCP connection, or raise ``ConnectionError``.
 
-    ``shown`` is the address as the user wrote it, so that the error names it.
+    ``shown`` is the address as the user wrote it, so that the error names it. A host
+    that answers but refuses the connection (nothing listens there) is given
+    ``_REFUSED_GRACE`` seconds, in case the head is just starting; one that does not
+    answer at all is given until ``deadline``.
     """
     delay = 0.1
+    refused_since: Optional[float] = None
     while True:
         remaining = deadline - time.monotonic()
         try:
             with socket.create_connection((host, port), timeout=max(0.1, min(remaining, 5.0))):
                 return
         except OSError as exc:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
+            now = time.monotonic()
+            remaining = deadline - now
+            if isinstance(exc, ConnectionRefusedError):
+                refused_since = refused_since if refused_since is not None else now
+            else:
+                refused_since = None
+            refused_long = refused_since is not None and now - refused_since >= _REFUSED_GRACE
+            if remaining <= 0 or refused_long:
+                why = (
+                    f"nothing listens at {host}:{port} (connection refused for {now - refused_since:.0f} s)"
+                    if refused_long and refused_since is not None
+                    else f"nothing accepted a connection at {host}:{port} ({exc})"
+                )
                 raise ConnectionError(
-                    f"could not reach the Ray cluster at address {shown!r}: nothing accepted a "
-                    f"connection at {host}:{port} ({exc}). Is the cluster running (`ray start --head`)? "
-                    f"Check the address in the parallel config."
+                    f"could not reach the Ray cluster at address {shown!r}: {why}. Is the cluster running "
+                    f"(`ray start --head`)? Check the address in the parallel config."
                 ) from None
             time.sleep(min(delay, remaining))
             delay = min(delay * 2, 1.0)
@@ -336,38 +767,45 @@ class RayParallelBackend(BaseParallelBackend, name="ray"):
     # -- lifecycle ----------------------------------------------------------------
 
     def _start(self) -> None:
-        global _runtime_users, _session_joined
         ray = self._ray = _import_ray()
         self._started_runtime = False  # this backend ran ray.init for a local runtime
-        self._shares_runtime = False  # counted among the users of our local runtime
-        self._joined = False  # this backend connected to a cluster by address
+        self._shares_runtime = False  # counted among the users of the shared session
+        self._joined = False  # the session is a cluster joined by address
+        self._watch: Optional[_HeadWatch] = None
+        self._placement: Dict[_Demand, Tuple[bool, float]] = {}
+        self._placement_lock = threading.Lock()
+        self._warned_unplaceable: Set[_Demand] = set()
         config = self.config
         defaults = _ray_options(dataclasses.asdict(config.task))
         self._task_defaults = defaults
-        with _runtime_lock:
-            if ray.is_initialized():
-                if _runtime_users > 0:
-                    # Another backend of ours started or joined this session: share it.
-                    _runtime_users += 1
-                    self._shares_runtime = True
-                    self._joined = _session_joined
-                    logger.info("reusing the Ray session of another ray backend")
-                else:
-                    logger.info("Ray is already initialised in this process; using that session (not stopping it at shutdown)")
-                if config.address is not None:
-                    logger.warning(
-                        "Ray is already initialised in this process; address %r is ignored", config.address
-                    )
-            elif config.address is None:
+
+        def open_session() -> bool:
+            if config.address is None:
                 self._init_local()
-                _runtime_users += 1
-                self._shares_runtime = True
-            else:
-                self._connect(config.address)
-                _runtime_users += 1
-                self._shares_runtime = True
-            _session_joined = self._joined
+                return False
+            self._connect(config.address)
+            return True
+
+        if config.address is not None and ray.is_initialized():
+            logger.warning("Ray is already initialised in this process; address %r is ignored", config.address)
+        self._shares_runtime, self._joined = _session.acquire(ray, open_session)
+        if self._joined:
+            self._watch = _session.watch(*self._watched_head())
         self._remote_cache = _RemoteCache(ray, defaults)
+
+    def _watched_head(self) -> Tuple[str, int, str]:
+        """Host, port and shown address of the joined cluster's head (GCS)."""
+        shown = self.config.address or ""
+        if shown.startswith("ray://"):  # Ray Client: its server is what we talk to
+            host, port = _split_host_port(shown)
+            return host, port, shown
+        address = self._ray.get_runtime_context().gcs_address
+        host, port = _split_host_port(address)
+        return host, port, shown if shown not in ("", "auto") else address
+
+    def _owns_runtime(self) -> bool:
+        """Whether the session is a local runtime that this process started (fixed size)."""
+        return (self._started_runtime or self._shares_runtime) and not self._joined
 
     def _init_local(self) -> None:
         """Start a new local runtime on 127.0.0.1, sized by the config."""
@@ -453,25 +891,53 @@ class RayParallelBackend(BaseParallelBackend, name="ray"):
             logger.debug("could not refresh Ray's config: %s", exc)
 
     def _stop(self) -> None:
-        global _runtime_users
         cache = getattr(self, "_remote_cache", None)
         if cache is not None:
             cache.clear()
-        ray = self._ray
-        with _runtime_lock:
-            if self._shares_runtime:
-                _runtime_users -= 1
-                if _runtime_users > 0:
-                    return
-                if self._joined:
-                    # We only joined this cluster: disconnect this driver; the cluster
-                    # keeps running (ray.shutdown stops only what its ray.init started).
-                    logger.info("disconnecting from the Ray cluster at %r", self.config.address)
-                else:
-                    # We (or a backend we shared with) started it: stop it.
-                    logger.info("stopping the local Ray runtime")
-                ray.shutdown()
-            # Otherwise user code initialised Ray: its session is left alone.
+        if self._shares_runtime:
+            _session.release(self._ray, self.config.address)
+        # Otherwise user code initialised Ray: its session is left alone.
+
+    # -- where tasks can run --------------------------------------------------------
+
+    def _node_totals(self) -> Sequence[Mapping[str, float]]:
+        """The total resources of each alive node of the cluster."""
+        return [dict(node.get("Resources") or {}) for node in self._ray.nodes() if node.get("Alive")]
+
+    def _placeable(self, demand: _Demand, name: str) -> bool:
+        """Whether some alive node can run a task of ``demand`` (a verdict reused briefly).
+
+        The first time a demand fits no node, a warning says so: the task waits,
+        unstarted, until such a node joins, and its future can be cancelled.
+        """
+        if not demand:
+            return True
+        now = time.monotonic()
+        cached = self._placement.get(demand)
+        if cached is not None and cached[1] > now:
+            return cached[0]
+        try:
+            totals = self._node_totals()
+        except Exception as exc:  # the cluster cannot say: assume it can run it
+            logger.debug("could not read the Ray cluster's nodes: %s", exc)
+            return True
+        verdict = _fits(demand, totals)
+        with self._placement_lock:
+            self._placement[demand] = (verdict, now + _PLACEMENT_TTL)
+            warn = not verdict and demand not in self._warned_unplaceable
+            if warn:
+                self._warned_unplaceable.add(demand)
+        if warn:
+            asked = ", ".join(f"{key}: {amount:g}" for key, amount in demand)
+            logger.warning(
+                "no node of the Ray cluster can run task %s, which asks for {%s}; the cluster has %s. "
+                "It waits unstarted until such a node joins; cancelling its future (or leaving the "
+                "executor) drops it.",
+                name,
+                asked,
+                _describe_nodes(totals),
+            )
+        return verdict
 
     # -- slots ---------------------------------------------------------------------
 
@@ -528,7 +994,9 @@ class RayParallelBackend(BaseParallelBackend, name="ray"):
         except ray.exceptions.GetTimeoutError as exc:
             raise TimeoutError(str(exc)) from None
         except ray.exceptions.RayTaskError as exc:
-            raise _unwrap(ray, exc) from None
+            error = _unwrap(ray, exc)
+            # Not "from None": that would drop the worker's traceback, its cause.
+            raise error from error.__cause__
 
     def _check_task_options(self, options: Mapping[str, Any]) -> Dict[str, Any]:
         return check_task_options(options)
@@ -536,10 +1004,10 @@ class RayParallelBackend(BaseParallelBackend, name="ray"):
     def _start_wrapped(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any], options: Dict[str, Any]) -> Any:
         return _submit(self._remote_cache, fn, args, kwargs, options)
 
-    def wait(self, handles: Sequence[Any], *, num_returns: int = 1, timeout: Optional[float] = None) -> Tuple[List[Any], List[Any]]:
-        self._check_open()
-        handles = list(handles)
-        self._check_num_returns(handles, num_returns)
+    def _is_handle(self, obj: Any) -> bool:
+        return isinstance(obj, self._ray.ObjectRef)
+
+    def _wait(self, handles: List[Any], num_returns: int, timeout: Optional[float]) -> Tuple[List[Any], List[Any]]:
         unique = list(dict.fromkeys(handles))
         ready, _ = self._ray.wait(unique, num_returns=min(num_returns, len(unique)), timeout=timeout, fetch_local=False)
         ready_set = set(ready)
