@@ -8,6 +8,7 @@ and no YAML of ours. After each app exits, nothing it started may still run.
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -89,9 +90,12 @@ def test_bad_overrides_fail_naming_the_key(user_app: Path, override: str, expect
 
 @pytest.mark.parametrize("engine, address", [("ray", "127.0.0.1:1"), ("dask", "tcp://127.0.0.1:1")])
 def test_an_unreachable_address_fails_soon_naming_it(user_app: Path, engine: str, address: str) -> None:
-    run = run_app(user_app, [f"parallel={engine}", f"parallel.address={address}", "parallel.connect_timeout=5"],
-                  cwd=user_app.parent, timeout=180)
+    # Nothing listens there: known at once, so the default connect_timeout (60 s) is not waited out.
+    started = time.monotonic()
+    run = run_app(user_app, [f"parallel={engine}", f"parallel.address={address}"], cwd=user_app.parent, timeout=180)
+    assert time.monotonic() - started < 30, "a refused connection waited for the whole connect_timeout"
     assert run.returncode != 0
+    assert "connection refused" in run.output
     assert address in run.output, run.output
     assert leftovers(run.marker) == []
 

@@ -30,6 +30,7 @@ from ..config import DaskConfig, DaskTaskOptions, ParallelConfig
 from ..errors import EngineLostError, WorkerCrashedError
 from ..executor import DoneCallback, TaskRunner
 from ..start_log import LoggedCall, StartLog
+from .network import split_host_port, wait_for_listener
 
 __all__ = ["DaskParallelBackend"]
 
@@ -710,6 +711,12 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
         ]
         if ignored:
             logger.warning("Dask address %s given: local-cluster settings %s are ignored", address, ", ".join(ignored))
+        host, port = split_host_port(address, "tcp://HOST:PORT (or HOST:PORT)")
+        wait_for_listener(
+            host, port, time.monotonic() + config.connect_timeout, f"the Dask scheduler at {address}",
+            "Check that a scheduler runs there (dask scheduler --host HOST --port PORT), "
+            "or set address to null for a local cluster.",
+        )
         logger.info("connecting to the Dask scheduler at %s (timeout %s s)", address, config.connect_timeout)
         try:
             self.client = distributed.Client(address, timeout=config.connect_timeout)

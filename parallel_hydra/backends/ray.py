@@ -28,7 +28,6 @@ Stopping a running task force-cancels it, which kills its worker process.
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import logging
 import math
 import os
@@ -45,6 +44,7 @@ from ..backend import BaseParallelBackend, available_cpus
 from ..config import ParallelConfig, RayConfig, RayTaskOptions, plain
 from ..errors import EngineLostError, WorkerCrashedError
 from ..executor import DoneCallback, TaskRunner
+from .network import is_loopback, split_host_port, wait_for_listener
 
 __all__ = ["RayParallelBackend"]
 
@@ -62,8 +62,8 @@ _STOP_TIMEOUT = 30.0
 #: Seconds a verdict on whether some node can run a task's resources is reused.
 _PLACEMENT_TTL = 2.0
 
-#: Seconds a refused connection may go on before connecting gives up (nothing listens).
-_REFUSED_GRACE = 3.0
+#: The address forms the Ray backend takes, for error messages.
+_ADDRESS_FORMS = "auto, HOST:PORT or ray://HOST:PORT"
 
 #: How often the watch of a joined cluster's head probes it, and for how long the head
 #: may refuse connections (it is gone) or not answer (unreachable) before the session
@@ -681,64 +681,6 @@ class _RayRunner(TaskRunner):
 # -- connecting -----------------------------------------------------------------------
 
 
-def _split_host_port(address: str) -> Tuple[str, int]:
-    """``HOST:PORT`` (optionally ``ray://``-prefixed, IPv6 in brackets) to a pair."""
-    rest = address.split("://", 1)[1] if "://" in address else address
-    rest = rest.split("/", 1)[0]
-    host, sep, port = rest.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(
-            f"parallel config: address must be auto, HOST:PORT or ray://HOST:PORT; got {address!r}"
-        )
-    return host.strip("[]"), int(port)
-
-
-def _is_loopback(host: str) -> bool:
-    if host in ("localhost", ""):
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def _probe(host: str, port: int, deadline: float, shown: str) -> None:
-    """Wait until ``host:port`` accepts a TCP connection, or raise ``ConnectionError``.
-
-    ``shown`` is the address as the user wrote it, so that the error names it. A host
-    that answers but refuses the connection (nothing listens there) is given
-    ``_REFUSED_GRACE`` seconds, in case the head is just starting; one that does not
-    answer at all is given until ``deadline``.
-    """
-    delay = 0.1
-    refused_since: Optional[float] = None
-    while True:
-        remaining = deadline - time.monotonic()
-        try:
-            with socket.create_connection((host, port), timeout=max(0.1, min(remaining, 5.0))):
-                return
-        except OSError as exc:
-            now = time.monotonic()
-            remaining = deadline - now
-            if isinstance(exc, ConnectionRefusedError):
-                refused_since = refused_since if refused_since is not None else now
-            else:
-                refused_since = None
-            refused_long = refused_since is not None and now - refused_since >= _REFUSED_GRACE
-            if remaining <= 0 or refused_long:
-                why = (
-                    f"nothing listens at {host}:{port} (connection refused for {now - refused_since:.0f} s)"
-                    if refused_long and refused_since is not None
-                    else f"nothing accepted a connection at {host}:{port} ({exc})"
-                )
-                raise ConnectionError(
-                    f"could not reach the Ray cluster at address {shown!r}: {why}. Is the cluster running "
-                    f"(`ray start --head`)? Check the address in the parallel config."
-                ) from None
-            time.sleep(min(delay, remaining))
-            delay = min(delay * 2, 1.0)
-
-
 def _token_available() -> bool:
     """Whether a Ray auth token is at hand (env var, token path, or ``~/.ray/auth_token``)."""
     if os.environ.get("RAY_AUTH_TOKEN"):
@@ -797,10 +739,10 @@ class RayParallelBackend(BaseParallelBackend, name="ray"):
         """Host, port and shown address of the joined cluster's head (GCS)."""
         shown = self.config.address or ""
         if shown.startswith("ray://"):  # Ray Client: its server is what we talk to
-            host, port = _split_host_port(shown)
+            host, port = split_host_port(shown, _ADDRESS_FORMS)
             return host, port, shown
         address = self._ray.get_runtime_context().gcs_address
-        host, port = _split_host_port(address)
+        host, port = split_host_port(address, _ADDRESS_FORMS)
         return host, port, shown if shown not in ("", "auto") else address
 
     def _owns_runtime(self) -> bool:
@@ -849,12 +791,15 @@ class RayParallelBackend(BaseParallelBackend, name="ray"):
                         f"`ray start --head`, or give its HOST:PORT as address"
                     ) from None
         if target != "auto" and target != "local":
-            host, port = _split_host_port(target)
-            _probe(host, port, deadline, address)
+            host, port = split_host_port(target, _ADDRESS_FORMS)
+            wait_for_listener(
+                host, port, deadline, f"the Ray cluster at address {address!r}",
+                "Is the cluster running (`ray start --head`)? Check the address in the parallel config.",
+            )
             if (
                 "://" not in target
                 and _AUTH_MODE_ENV not in os.environ
-                and _is_loopback(host)
+                and is_loopback(host)
                 and _token_available()
             ):
                 # A head started with `ray start` on this machine turns token auth on
