@@ -287,7 +287,8 @@ def test_an_unreachable_address_fails_in_bounded_time_naming_it() -> None:
     error, elapsed = result.stdout.strip().splitlines()[-2:]
     name, message, clean = (part.strip() for part in error.split("|"))
     assert name == "ConnectionError"
-    assert "tcp://127.0.0.1:1" in message and "connect_timeout" in message
+    assert "tcp://127.0.0.1:1" in message
+    assert "connect_timeout" in message or "connection refused" in message
     assert clean == "True"  # raised from None: no engine traceback chained to it
     assert float(elapsed) < 60
 

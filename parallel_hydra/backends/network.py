@@ -68,7 +68,7 @@ def wait_for_listener(host: str, port: int, deadline: float, what: str, hint: st
                 why = (
                     f"nothing listens at {host}:{port} (connection refused for {now - refused_since:.0f} s)"
                     if refused_long and refused_since is not None
-                    else f"nothing accepted a connection at {host}:{port} ({exc})"
+                    else f"nothing accepted a connection at {host}:{port} within connect_timeout ({exc})"
                 )
                 raise ConnectionError(f"could not reach {what}: {why}. {hint}") from None
             time.sleep(min(delay, max(remaining, 0.0)))
