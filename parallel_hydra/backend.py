@@ -15,6 +15,7 @@ from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from typing import Any, Callable, ClassVar, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
 
+from .checks import require_integer
 from .config import ParallelConfig, plain
 from .executor import ParallelExecutor, TaskRunner
 from .policy import CancellationPolicy, PolicyLike, as_policy
@@ -288,8 +289,7 @@ class BaseParallelBackend(ABC):
         handles = list(handles)
         if not handles:
             return [], []
-        if isinstance(num_returns, bool) or not isinstance(num_returns, int) or not 1 <= num_returns <= len(handles):
-            raise ValueError(f"num_returns must be between 1 and the number of handles ({len(handles)}); got {num_returns!r}")
+        require_integer("num_returns", num_returns, minimum=1, maximum=len(handles), hint="the number of handles at most")
         for handle in handles:
             if not self._is_handle(handle):
                 raise TypeError(
@@ -308,8 +308,7 @@ class BaseParallelBackend(ABC):
 
 def check_n_jobs(n_jobs: Any, key: str = "n_jobs") -> None:
     """Refuse an ``n_jobs`` that is not a non-zero integer, naming ``key``."""
-    if isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs == 0:
-        raise ValueError(f"{key} must be a non-zero integer (-1 for all CPUs); got {n_jobs!r}")
+    require_integer(key, n_jobs, nonzero=True, hint="-1 for all CPUs")
 
 
 def resolve_n_jobs(n_jobs: int, available: int) -> int:

@@ -17,6 +17,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional
 
+from .checks import require_integer
 from .policy import CancellationPolicy, as_policy
 
 __all__ = [
@@ -52,11 +53,7 @@ def _fail(key: str, allowed: str, value: Any) -> None:
 
 
 def _check_int(key: str, value: Any, minimum: int, optional: bool = True) -> None:
-    if value is None and optional:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        what = f"an integer >= {minimum}" + (" or null" if optional else "")
-        _fail(key, what, value)
+    require_integer(key, value, minimum=minimum, none="null" if optional else None, prefix="parallel config: ")
 
 
 def _check_number(key: str, value: Any, minimum: float, strict: bool = False, optional: bool = False) -> None:

@@ -41,6 +41,7 @@ from concurrent.futures import TimeoutError as FuturesTimeoutError
 from concurrent.futures._base import CANCELLED, CANCELLED_AND_NOTIFIED, FINISHED, PENDING, RUNNING
 from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Mapping, Optional, Set, Tuple, Type
 
+from .checks import require_integer
 from .errors import EngineLostError
 from .policy import CancellationPolicy, PolicyLike, as_policy
 
@@ -278,8 +279,7 @@ class ParallelExecutor(Executor):
         cancel_futures: PolicyLike = CancellationPolicy.PENDING,
         wait_timeout: float = 1.0,
     ) -> None:
-        if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 1:
-            raise ValueError(f"max_workers must be an integer >= 1; got {max_workers!r}")
+        require_integer("max_workers", max_workers, minimum=1)
         self._runner = runner
         self._max_workers = max_workers
         self._policy = as_policy(cancel_futures)
@@ -364,8 +364,7 @@ class ParallelExecutor(Executor):
         Tasks whose results are not read (the iterator is closed or dropped early, or
         raised) are cancelled.
         """
-        if chunksize is not None and (isinstance(chunksize, bool) or not isinstance(chunksize, int) or chunksize < 1):
-            raise ValueError(f"chunksize must be an integer >= 1 or None; got {chunksize!r}")
+        require_integer("chunksize", chunksize, minimum=1, none="None")
         end = None if timeout is None else time.monotonic() + timeout
         items = list(zip(*iterables))
         if chunksize is None:
