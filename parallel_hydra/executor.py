@@ -24,6 +24,21 @@ back from its queue what no worker has been given (``TaskRunner.withdraw``).
 A task in flight counts as running: its future says ``running()``, and the ``PENDING``
 policy lets it finish (unless the engine can take it back unstarted). ``RUNNING`` asks
 the engine to stop every task in flight and reports those futures as cancelled.
+
+When things go wrong
+--------------------
+- A runner reports a task's failure as that task's exception; a crashed worker is the
+  runner's business (it blames the task that ran there and runs the others again), so
+  the executor sees one failed task, never a broken pool.
+- A runner that reports :class:`~parallel_hydra.errors.EngineLostError` (the cluster is
+  gone) breaks the executor: every unfinished task fails with that error, new submits
+  raise it, and shutdown has nothing left to wait for.
+- Leaving a ``with`` block on ``KeyboardInterrupt`` applies ``ALL``, whatever the
+  policy, and so does a Ctrl-C while ``shutdown`` waits; another exception applies the
+  policy and logs what it waits for.
+- An executor never shut down is shut down with its policy at interpreter exit.
+- A task lets go of its callable, arguments and engine handle as soon as it is settled,
+  and ``map`` holds no result it has handed out.
 """
 
 from __future__ import annotations

@@ -2,14 +2,21 @@
 
 Each executor gets a loky process pool of exactly ``max_workers`` processes, so loky
 itself enforces the concurrency bound. loky queues submitted work itself and gives its
-workers at most ``max_workers`` tasks ahead of the running ones (we size its call queue), so the shared executor hands it everything at
-once and, under the ``PENDING`` policy, cancels in loky's queue what no worker has yet.
-Stopping running tasks kills that pool's workers (loky's ``kill_workers``) and the next
-task gets a fresh pool. The pool is shut down with the executor: no worker outlives it.
+workers at most ``max_workers`` tasks ahead of the running ones (we size its call
+queue), so the shared executor hands it everything at once and, under the ``PENDING``
+policy, cancels in loky's queue what no worker has yet. The pool is shut down with the
+executor: no worker outlives it.
+
+A loky pool is all or nothing: one dead worker fails every unfinished task of the pool.
+The runner turns that into one failed task (see :class:`_LokyRunner`): each task notes
+its start in the backend's start log, so after a crash the task that ran in the dead
+process fails with ``WorkerCrashedError`` and the pool's other tasks run again on a new
+pool. Stopping running tasks (``RUNNING``) kills the workers that run them, the same way.
 
 The object store keeps objects in this process. A handle is a settled or running
 ``concurrent.futures.Future`` under the hood; as an argument to ``submit`` it is replaced
-by its value before the task is pickled, which is what Ray and Dask do with theirs.
+by its value when the task can start (not when it is submitted), which is what Ray and
+Dask do with theirs.
 """
 
 from __future__ import annotations
