@@ -404,7 +404,9 @@ class ParallelExecutor(Executor):
                 except FuturesTimeoutError:
                     raise FuturesTimeoutError("map results not ready within the timeout") from None
                 except BaseException:
-                    pass  # raised below, at its item
+                    if not futures[-1].done():
+                        raise  # interrupted while waiting (Ctrl-C), not the task's error
+                    # the task's error: raised below, at its item
                 if not chunked:
                     yield futures.pop().result()
                     continue
