@@ -401,12 +401,13 @@ class ParallelExecutor(Executor):
                 remaining = None if end is None else max(0.0, end - time.monotonic())
                 try:
                     futures[-1].result(remaining)
-                except FuturesTimeoutError:
-                    raise FuturesTimeoutError("map results not ready within the timeout") from None
-                except BaseException:
-                    if not futures[-1].done():
-                        raise  # interrupted while waiting (Ctrl-C), not the task's error
-                    # the task's error: raised below, at its item
+                except BaseException as exc:
+                    if futures[-1].done():
+                        pass  # the task's own error (a TimeoutError too): raised below, at its item
+                    elif isinstance(exc, FuturesTimeoutError):
+                        raise FuturesTimeoutError("map results not ready within the timeout") from None
+                    else:
+                        raise  # interrupted while waiting (Ctrl-C)
                 if not chunked:
                     yield futures.pop().result()
                     continue

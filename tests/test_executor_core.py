@@ -275,3 +275,13 @@ def _eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
     return False
 
 
+
+
+def test_map_raises_a_tasks_own_timeout_error_at_its_item() -> None:
+    engine = FakeEngine()
+    executor = ParallelExecutor(engine, max_workers=2)
+    results = executor.map(add, [1, 2], chunksize=1, timeout=30)
+    engine.started[0].fail(TimeoutError("the task's own"))
+    engine.started[1].finish()
+    with pytest.raises(TimeoutError, match="the task's own"):
+        next(results)
