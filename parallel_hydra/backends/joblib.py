@@ -35,7 +35,7 @@ import uuid
 import weakref
 from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as futures_wait
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.connection import wait as mp_wait
@@ -234,6 +234,7 @@ class _LokyRunner(TaskRunner):
         self._pool: Optional[ProcessPoolExecutor] = None
         self._live: Dict[int, _LokyTask] = {}  # submitted to a pool, not yet reported
         self._broken_pools: "weakref.WeakSet[ProcessPoolExecutor]" = weakref.WeakSet()
+        self._killed: Set[int] = set()  # worker PIDs stop() killed, not yet seen dead
 
     def enforces_bound(self, max_workers: int) -> bool:
         return True  # the pool has exactly max_workers processes
@@ -321,7 +322,12 @@ class _LokyRunner(TaskRunner):
         processes = dict(getattr(pool, "_processes", {}) or {})
         dead = {pid: p.exitcode for pid, p in processes.items() if p.exitcode is not None}
         blamed: Dict[int, Tuple[int, Optional[int]]] = {}  # task number -> (pid, exit code)
+        with self._lock:
+            # A worker stop() killed may have moved on to another task: not that one's fault.
+            killed, self._killed = self._killed & set(dead), self._killed - set(dead)
         for pid, exitcode in dead.items():
+            if pid in killed:
+                continue
             for number in self._log.started_by(pid):
                 blamed[number] = (pid, exitcode)
         if not dead:  # loky broke without a death (a payload that failed to unpickle)
@@ -393,6 +399,8 @@ class _LokyRunner(TaskRunner):
                 found = set().union(*(self._log.started_by(pid) for pid in running)) & numbers if running else set()
                 pool_numbers = {t.call.number for t in tokens if t.pool is pool and t.call is not None}
                 victims.extend(running.values() if pool_numbers <= found else [p for _, p in processes])
+        with self._lock:
+            self._killed.update(p.pid for p in victims)
         for process in victims:
             try:
                 kill_process_tree(process)  # the worker and anything the task started
