@@ -196,6 +196,22 @@ class _HeadWatch:
             else:
                 failing_since = None
 
+    def confirm_lost(self, within: float = 3.0) -> bool:
+        """Whether the head is gone, checked now (a task just failed with a dead node):
+        it counts as gone once it refuses connections within ``within`` seconds."""
+        end = time.monotonic() + within
+        while self.lost is None and time.monotonic() < end:
+            try:
+                with socket.create_connection((self._host, self._port), timeout=1.0):
+                    pass
+            except ConnectionRefusedError as exc:
+                self._declare_lost(f"its head refuses connections ({exc})")
+                break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        return self.lost is not None
+
     def _declare_lost(self, why: str) -> None:
         error = EngineLostError(
             f"lost the Ray cluster at address {self._address!r}: {why}. Its tasks cannot "
@@ -481,6 +497,9 @@ class _RayRunner(TaskRunner):
             for name in ("WorkerCrashedError", "OutOfMemoryError", "NodeDiedError", "LocalRayletDiedError")
             if hasattr(exceptions, name)
         )
+        self._node_errors = tuple(
+            getattr(exceptions, name) for name in ("NodeDiedError", "LocalRayletDiedError") if hasattr(exceptions, name)
+        )
         self._system_error = exceptions.RaySystemError
         self._lock = threading.Lock()
         self._live: Set[_RayTask] = set()
@@ -575,6 +594,11 @@ class _RayRunner(TaskRunner):
                 return failure
             return cause
         if isinstance(error, self._crash_errors):
+            watch = self._backend._watch
+            node_gone = isinstance(error, self._node_errors)
+            if node_gone and watch is not None and watch.confirm_lost() and watch.lost is not None:
+                # Older Rays fail the tasks of a joined cluster whose head died this way.
+                return watch.lost
             crash = WorkerCrashedError(
                 f"the Ray worker process running task {token.name} died before the task returned "
                 f"({type(error).__name__}: a segmentation fault, os._exit, sys.exit, or a signal "
