@@ -37,6 +37,7 @@ from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrid
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
+from .checks import require_integer
 from .config import plain
 from .hydra_config import LAUNCHER_KEYS
 from .policy import CancellationPolicy
@@ -297,8 +298,7 @@ def _launcher_settings(settings: Mapping[str, Any]) -> Tuple[Dict[str, Any], Opt
     max_jobs = values.pop("max_concurrent_jobs", None)
     fail_fast = values.pop("fail_fast", False)
     assert not set(LAUNCHER_KEYS) & set(values), "a launcher field was left among the backend's"
-    if max_jobs is not None and (isinstance(max_jobs, bool) or not isinstance(max_jobs, int) or max_jobs < 1):
-        raise ValueError(f"hydra.launcher.max_concurrent_jobs must be an integer >= 1 or null; got {max_jobs!r}")
+    require_integer("hydra.launcher.max_concurrent_jobs", max_jobs, minimum=1, none="null")
     if not isinstance(fail_fast, bool):
         raise ValueError(f"hydra.launcher.fail_fast must be true or false; got {fail_fast!r}")
     return values, max_jobs, fail_fast
