@@ -253,7 +253,7 @@ def test_a_result_whose_pickling_kills_the_worker_ends_with_an_error(dask_backen
 def test_an_abandoned_map_is_withdrawn_in_one_scheduler_call(
     dask_backend: DaskParallelBackend, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from parallel_hydra.backends import dask as dask_module
+    from parallel_hydra.backends.dask import workers as dask_workers
 
     client = dask_backend.client
     cancel_calls: List[Any] = []
@@ -261,7 +261,7 @@ def test_an_abandoned_map_is_withdrawn_in_one_scheduler_call(
     real_run, real_cancel = client.run_on_scheduler, client.cancel
 
     def run_on_scheduler(function: Any, *args: Any, **kwargs: Any) -> Any:
-        if function is dask_module._cancel_on_scheduler:
+        if function is dask_workers._cancel_on_scheduler:
             scheduler_calls.append(len(kwargs["keys"]))
         return real_run(function, *args, **kwargs)
 
