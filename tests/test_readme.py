@@ -95,6 +95,7 @@ def test_the_example_commands_run_from_the_repository(dask_cluster_address: str)
 
 
 @pytest.mark.parametrize("script, small", [("benchmarks/bench.py", "--tasks 50 --rounds 1"),
+                                           ("benchmarks/launcher_bench.py", "--jobs 2 --seconds 0 --launchers basic,parallel_joblib"),
                                            ("tests/soak_dask_kills.py", "--rounds 2")])
 def test_the_scripts_run_by_hand_run(script: str, small: str) -> None:
     (line,) = [line for _, code in snippets("bash") for line in command_lines(code) if script in line]
