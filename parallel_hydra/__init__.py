@@ -17,6 +17,7 @@ import importlib
 from typing import Any
 
 from .backend import BaseParallelBackend, available_cpus, effective_n_jobs, init_executor, init_parallel_backend
+from .engines import ENGINES
 from .config import DaskConfig, DaskTaskOptions, JoblibConfig, ParallelConfig, RayConfig, RayTaskOptions
 from .executor import ParallelExecutor, TaskRunner
 from .map_reduce import MapReduceJob
@@ -45,15 +46,11 @@ __all__ = [
 
 __version__ = "0.1.0"
 
-_LAZY = {
-    "JoblibParallelBackend": "parallel_hydra.backends.joblib",
-    "RayParallelBackend": "parallel_hydra.backends.ray",
-    "DaskParallelBackend": "parallel_hydra.backends.dask",
-}
+#: The engine backends, loaded on first use so that `import parallel_hydra` stays cheap.
+_LAZY = {engine.backend_class: engine.module for engine in ENGINES}
 
 
 def __getattr__(name: str) -> Any:
-    # The engine backends load on first use so that `import parallel_hydra` stays cheap.
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'parallel_hydra' has no attribute {name!r}")

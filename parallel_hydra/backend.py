@@ -17,6 +17,7 @@ from typing import Any, Callable, ClassVar, Dict, Iterator, List, Mapping, Optio
 
 from .checks import require_integer
 from .config import ParallelConfig, plain
+from .engines import BY_NAME
 from .executor import ParallelExecutor, TaskRunner
 from .policy import CancellationPolicy, PolicyLike, as_policy
 
@@ -35,14 +36,6 @@ logger = logging.getLogger(__name__)
 
 ConfigLike = Union[ParallelConfig, Mapping[str, Any]]
 B = TypeVar("B", bound="BaseParallelBackend")
-
-#: Backends that ship with the package, by name, as "module:Class" so that naming one
-#: does not import any engine.
-_BUILTIN_BACKENDS: Dict[str, str] = {
-    "joblib": "parallel_hydra.backends.joblib:JoblibParallelBackend",
-    "ray": "parallel_hydra.backends.ray:RayParallelBackend",
-    "dask": "parallel_hydra.backends.dask:DaskParallelBackend",
-}
 
 #: Keys a Hydra node carries that are not configuration fields.
 _HYDRA_KEYS = ("_target_", "_convert_", "_recursive_", "_partial_", "_args_")
@@ -321,13 +314,12 @@ def resolve_n_jobs(n_jobs: int, available: int) -> int:
 
 def _backend_class(name: str) -> Type[BaseParallelBackend]:
     """The backend class registered as ``name``, importing its module if needed."""
-    if name not in BaseParallelBackend._registry and name in _BUILTIN_BACKENDS:
-        module, _, _attr = _BUILTIN_BACKENDS[name].partition(":")
-        importlib.import_module(module)
+    if name not in BaseParallelBackend._registry and name in BY_NAME:
+        importlib.import_module(BY_NAME[name].module)
     try:
         return BaseParallelBackend._registry[name]
     except KeyError:
-        known = sorted(set(_BUILTIN_BACKENDS) | set(BaseParallelBackend._registry))
+        known = sorted(set(BY_NAME) | set(BaseParallelBackend._registry))
         raise ValueError(f"parallel config: unknown backend {name!r}; known backends: {', '.join(known)}") from None
 
 

@@ -14,10 +14,11 @@ Nothing here imports an engine.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, Optional, Type
+from dataclasses import dataclass, field, make_dataclass
+from typing import Dict, Optional, Tuple, Type
 
-from .config import DaskConfig, JoblibConfig, ParallelConfig, RayConfig
+from .config import ParallelConfig
+from .engines import ENGINES
 
 __all__ = [
     "JoblibNode",
@@ -42,31 +43,25 @@ LAUNCHER_GROUP = "hydra/launcher"
 LAUNCHER_TARGET = "hydra_plugins.parallel_hydra_plugin.launcher.ParallelLauncher"
 
 
-@dataclass
-class JoblibNode(JoblibConfig):
-    """``parallel=joblib``: loky worker processes on this machine (the default)."""
-
-    # What Hydra's instantiate builds from this node.
-    _target_: str = "parallel_hydra.backends.joblib.JoblibParallelBackend"
-
-
-@dataclass
-class RayNode(RayConfig):
-    """``parallel=ray``: a local Ray runtime, or a Ray cluster by ``address``."""
-
-    # What Hydra's instantiate builds from this node.
-    _target_: str = "parallel_hydra.backends.ray.RayParallelBackend"
+def _node(name: str, bases: Tuple[type, ...], target: str, doc: str) -> Type[ParallelConfig]:
+    """A config group option: the engine's config dataclass plus a ``_target_``."""
+    node = make_dataclass(name, [("_target_", str, field(default=target))], bases=bases)
+    node.__doc__ = doc
+    node.__module__ = __name__
+    return node
 
 
-@dataclass
-class DaskNode(DaskConfig):
-    """``parallel=dask``: a Dask LocalCluster, or a Dask scheduler by ``address``."""
-
-    # What Hydra's instantiate builds from this node.
-    _target_: str = "parallel_hydra.backends.dask.DaskParallelBackend"
-
-
-OPTIONS: Dict[str, Type[ParallelConfig]] = {"joblib": JoblibNode, "ray": RayNode, "dask": DaskNode}
+#: ``parallel=NAME``: the engine's config, whose ``_target_`` is its backend.
+OPTIONS: Dict[str, Type[ParallelConfig]] = {
+    engine.name: _node(
+        f"{engine.backend_class.replace('ParallelBackend', '')}Node",
+        (engine.config_class,),
+        engine.target,
+        f"``parallel={engine.name}``: {engine.summary}.",
+    )
+    for engine in ENGINES
+}
+JoblibNode, RayNode, DaskNode = OPTIONS["joblib"], OPTIONS["ray"], OPTIONS["dask"]
 
 
 @dataclass
@@ -87,35 +82,20 @@ class LauncherOptions:
 LAUNCHER_KEYS = ("max_concurrent_jobs", "fail_fast")
 
 
-@dataclass
-class JoblibLauncherNode(JoblibConfig, LauncherOptions):
-    """``hydra/launcher=parallel_joblib``: each job a task in a loky worker process."""
-
-    # What Hydra instantiates from this node: the launcher plugin.
-    _target_: str = LAUNCHER_TARGET
-
-
-@dataclass
-class RayLauncherNode(RayConfig, LauncherOptions):
-    """``hydra/launcher=parallel_ray``: each job a Ray task, on a local runtime or a cluster."""
-
-    # What Hydra instantiates from this node: the launcher plugin.
-    _target_: str = LAUNCHER_TARGET
-
-
-@dataclass
-class DaskLauncherNode(DaskConfig, LauncherOptions):
-    """``hydra/launcher=parallel_dask``: each job a Dask task, on a local cluster or a scheduler."""
-
-    # What Hydra instantiates from this node: the launcher plugin.
-    _target_: str = LAUNCHER_TARGET
-
-
+#: ``hydra/launcher=parallel_NAME``: the engine's config plus the launcher's fields;
+#: Hydra instantiates the launcher plugin from it.
 LAUNCHER_OPTIONS: Dict[str, Type[ParallelConfig]] = {
-    "parallel_joblib": JoblibLauncherNode,
-    "parallel_ray": RayLauncherNode,
-    "parallel_dask": DaskLauncherNode,
+    f"parallel_{engine.name}": _node(
+        f"{engine.backend_class.replace('ParallelBackend', '')}LauncherNode",
+        (engine.config_class, LauncherOptions),
+        LAUNCHER_TARGET,
+        f"``hydra/launcher=parallel_{engine.name}``: each job of a sweep a task on {engine.summary}.",
+    )
+    for engine in ENGINES
 }
+JoblibLauncherNode = LAUNCHER_OPTIONS["parallel_joblib"]
+RayLauncherNode = LAUNCHER_OPTIONS["parallel_ray"]
+DaskLauncherNode = LAUNCHER_OPTIONS["parallel_dask"]
 
 
 def register_configs() -> None:

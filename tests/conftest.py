@@ -20,17 +20,15 @@ from parallel_hydra import BaseParallelBackend, JoblibParallelBackend  # noqa: E
 from dask_support import *  # noqa: E402,F401,F403
 from ray_support import *  # noqa: E402,F401,F403
 
-ENGINES = ["joblib", "ray", "dask"]
+from parallel_hydra.engines import BY_NAME, ENGINES as _ENGINE_TABLE  # noqa: E402
+
+ENGINES = [engine.name for engine in _ENGINE_TABLE]
 
 
 @pytest.fixture(scope="session")
 def joblib_backend() -> Iterator[BaseParallelBackend]:
     with JoblibParallelBackend(n_cpus=2) as backend:
         yield backend
-
-
-#: The module each engine needs, by engine name.
-ENGINE_MODULES = {"joblib": "joblib", "ray": "ray", "dask": "distributed"}
 
 
 @pytest.fixture(params=ENGINES)
@@ -40,7 +38,7 @@ def backend(request: pytest.FixtureRequest) -> BaseParallelBackend:
     On a developer's machine without Ray or Dask installed, that engine's tests are
     skipped, saying so; in CI a skip fails the run (see ``pytest_sessionfinish``).
     """
-    pytest.importorskip(ENGINE_MODULES[request.param], reason=f"the {request.param} engine is not installed")
+    pytest.importorskip(BY_NAME[request.param].requires, reason=f"the {request.param} engine is not installed")
     return request.getfixturevalue(f"{request.param}_backend")
 
 
