@@ -8,10 +8,28 @@ is written once, whatever engine runs it.
 
 from __future__ import annotations
 
+import signal
 from concurrent.futures import BrokenExecutor
 from concurrent.futures.process import BrokenProcessPool
+from typing import Optional
 
-__all__ = ["WorkerCrashedError", "EngineLostError"]
+__all__ = ["WorkerCrashedError", "EngineLostError", "describe_exit"]
+
+
+def describe_exit(exitcode: Optional[int]) -> str:
+    """How a process ended, in words, from its exit code (negative: the signal).
+
+    >>> describe_exit(-9), describe_exit(3), describe_exit(None)
+    ('killed by SIGKILL', 'exit code 3', 'it died')
+    """
+    if exitcode is None:
+        return "it died"
+    if exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exit code {exitcode}"
 
 
 class WorkerCrashedError(BrokenProcessPool):

@@ -14,7 +14,7 @@ import textwrap
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import psutil
 
@@ -149,3 +149,24 @@ def beats_after(path: Path, seconds: float = 1.0) -> bool:
 
     before = read()
     return wait_until(lambda: read() != before, seconds)
+
+
+def interrupt_group(proc: "subprocess.Popen[str]", timeout: float = 60.0) -> "Tuple[str, float]":
+    """Ctrl-C as a terminal sends it: SIGINT to ``proc``'s whole process group.
+
+    Returns the app's output and the seconds it took to exit after the signal. An app
+    still running after ``timeout`` fails the test, and its group is killed either way.
+    """
+    import signal
+
+    os.killpg(proc.pid, signal.SIGINT)
+    interrupted = time.monotonic()
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+        return output, time.monotonic() - interrupted
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"still running {timeout:.0f} s after Ctrl-C") from None
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

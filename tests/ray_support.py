@@ -14,13 +14,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, Optional
+from contextlib import contextmanager
+from typing import Iterator, Optional, Tuple
 
 import pytest
 
 __all__ = [
     "ray_backend",
     "ray_cluster_address",
+    "ray_head",
     "REPO_ROOT",
     "free_port",
     "port_accepts",
@@ -131,19 +133,14 @@ def _stop_head(proc: subprocess.Popen) -> None:
         pass
 
 
-@pytest.fixture(scope="session")
-def ray_cluster_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``HOST:PORT`` of a running Ray head: CI's, or one started here for the session.
+@contextmanager
+def ray_head(log_path: Path) -> Iterator[Tuple[str, subprocess.Popen]]:
+    """Start a Ray head on 127.0.0.1 in a process group of its own; ``(address, process)``.
 
-    A head started here runs in its own process group and is stopped by PID at the end
-    of the session (never with ``ray stop``, which would stop every Ray on the machine).
+    Stopped by PID when the block ends (never with ``ray stop``, which would stop every
+    Ray on the machine).
     """
-    given = os.environ.get(ADDRESS_ENV)
-    if given:
-        yield given
-        return
     port = free_port()
-    log_path = tmp_path_factory.mktemp("ray_head") / "head.log"
     ray_cli = Path(sys.executable).with_name("ray")
     command = [
         str(ray_cli) if ray_cli.exists() else "ray",
@@ -156,9 +153,8 @@ def ray_cluster_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
         "--include-dashboard=false",
         "--disable-usage-stats",
     ]
-    env = app_env()
     log = open(log_path, "w")
-    proc = subprocess.Popen(command, cwd=str(REPO_ROOT), env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(command, cwd=str(REPO_ROOT), env=app_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         end = time.monotonic() + 90
         ready: Optional[bool] = None
@@ -171,7 +167,18 @@ def ray_cluster_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[st
             time.sleep(0.25)
         if not ready:
             raise RuntimeError(f"the Ray head did not start within 90 s; its log:\n{log_path.read_text(errors='replace')[-3000:]}")
-        yield f"127.0.0.1:{port}"
+        yield f"127.0.0.1:{port}", proc
     finally:
         _stop_head(proc)
         log.close()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster_address(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``HOST:PORT`` of a running Ray head: CI's, or one started here for the session."""
+    given = os.environ.get(ADDRESS_ENV)
+    if given:
+        yield given
+        return
+    with ray_head(tmp_path_factory.mktemp("ray_head") / "head.log") as (address, _):
+        yield address

@@ -13,13 +13,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 
-from apps import MARKER, beats_after, leftovers, wait_until
+from apps import MARKER, beats_after, interrupt_group, leftovers, wait_until
 from ray_support import app_env
 
 ENGINES = ["joblib", "ray", "dask"]
@@ -27,7 +26,6 @@ ENGINES = ["joblib", "ray", "dask"]
 INTERRUPTED_APP = '''\
 import os
 import sys
-import time
 
 import hydra
 from hydra.utils import instantiate
@@ -108,17 +106,8 @@ def test_ctrl_c_on_the_process_group_stops_the_app_and_everything_it_started(eng
     try:
         started = wait_until(lambda: len(list(beat_dir.glob("beat*"))) >= 2, 120)
         assert started, "the app's tasks never started"
-        os.killpg(proc.pid, signal.SIGINT)
-        interrupted = time.monotonic()
-        try:
-            output, _ = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            pytest.fail("the app was still running 60 s after Ctrl-C")
-        elapsed = time.monotonic() - interrupted
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        output, elapsed = interrupt_group(proc)
     assert proc.returncode != 0, output
     assert elapsed < 30, f"Ctrl-C took {elapsed:.1f} s to stop the app"
     assert "KeyboardInterrupt" in output, output[-3000:]

@@ -14,9 +14,7 @@ After each app, nothing it started may still run (``leftovers``).
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -36,7 +34,7 @@ from hydra.test_utils.launcher_common_tests import (
 )
 from hydra.test_utils.test_utils import TSweepRunner
 
-from apps import MARKER, AppRun, beats_after, leftovers, wait_until, write_user_app
+from apps import MARKER, AppRun, beats_after, interrupt_group, leftovers, wait_until, write_user_app
 from ray_support import app_env, port_accepts
 
 ENGINES = ["joblib", "ray", "dask"]
@@ -165,7 +163,6 @@ beat: false
 # raises, ``beat`` makes every job write a heartbeat file until it is stopped.
 APP = '''\
 import logging
-import os
 import time
 
 import hydra
@@ -350,17 +347,8 @@ def test_ctrl_c_stops_the_sweep_promptly(app: Path, engine: str) -> None:
     )
     try:
         assert wait_until(lambda: len(list(app.parent.glob("beat*"))) >= 2, 120), "the jobs never started"
-        os.killpg(proc.pid, signal.SIGINT)
-        interrupted = time.monotonic()
-        try:
-            output, _ = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            pytest.fail("the sweep was still running 60 s after Ctrl-C")
-        elapsed = time.monotonic() - interrupted
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        output, elapsed = interrupt_group(proc)
     assert proc.returncode != 0, output
     assert elapsed < 30, f"Ctrl-C took {elapsed:.1f} s to stop the sweep"
     for beat in app.parent.glob("beat*"):

@@ -21,7 +21,7 @@ import pytest
 
 from parallel_hydra.backends.ray import RayParallelBackend
 from parallel_hydra.errors import WorkerCrashedError
-from ray_support import REPO_ROOT, _stop_head, app_env, free_port, port_accepts, run_app
+from ray_support import REPO_ROOT, app_env, free_port, ray_head, run_app
 from tasks import add, length
 
 RAY_LOGGER = "parallel_hydra.backends.ray"
@@ -257,36 +257,8 @@ def test_a_refused_address_fails_fast_naming_it() -> None:
 @pytest.fixture
 def own_head(tmp_path: Path) -> Iterator[tuple]:
     """A Ray head of this test alone (the test kills it): ``(address, process)``."""
-    port = free_port()
-    log_path = tmp_path / "head.log"
-    ray_cli = Path(sys.executable).with_name("ray")
-    command = [
-        str(ray_cli) if ray_cli.exists() else "ray",
-        "start",
-        "--head",
-        "--block",
-        "--node-ip-address=127.0.0.1",
-        f"--port={port}",
-        "--num-cpus=2",
-        "--include-dashboard=false",
-        "--disable-usage-stats",
-    ]
-    log = open(log_path, "w")
-    proc = subprocess.Popen(
-        command, cwd=str(REPO_ROOT), env=app_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    try:
-        end = time.monotonic() + 90
-        while time.monotonic() < end and proc.poll() is None:
-            if port_accepts("127.0.0.1", port) and "Ray runtime started" in log_path.read_text(errors="replace"):
-                break
-            time.sleep(0.25)
-        else:
-            raise RuntimeError(f"the Ray head did not start; its log:\n{log_path.read_text(errors='replace')[-3000:]}")
-        yield f"127.0.0.1:{port}", proc
-    finally:
-        _stop_head(proc)
-        log.close()
+    with ray_head(tmp_path / "head.log") as head:
+        yield head
 
 
 def test_a_dead_head_fails_the_futures_or_ends_the_app(own_head: tuple, tmp_path: Path) -> None:

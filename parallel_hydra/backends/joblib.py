@@ -26,7 +26,6 @@ import logging
 import os
 import pickle
 import shutil
-import signal
 import sys
 import tempfile
 import threading
@@ -35,17 +34,16 @@ import uuid
 import weakref
 from concurrent.futures import FIRST_COMPLETED, Future
 from concurrent.futures import wait as futures_wait
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
-
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.connection import wait as mp_wait
+from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
 
 from joblib.externals.loky.backend.utils import kill_process_tree
 from joblib.externals.loky.process_executor import ProcessPoolExecutor
 
 from ..backend import BaseParallelBackend, available_cpus
 from ..config import JoblibConfig, ParallelConfig
-from ..errors import WorkerCrashedError
+from ..errors import WorkerCrashedError, describe_exit
 from ..executor import DoneCallback, TaskRunner
 from ..start_log import LoggedCall, StartLog
 
@@ -169,17 +167,6 @@ def _translated(error: BaseException, name: str) -> BaseException:
         translated.__cause__ = error
         return translated
     return error
-
-
-def _how_it_died(exitcode: Optional[int]) -> str:
-    if exitcode is None:
-        return "it died"
-    if exitcode < 0:
-        try:
-            return f"killed by {signal.Signals(-exitcode).name}"
-        except ValueError:
-            return f"killed by signal {-exitcode}"
-    return f"exit code {exitcode}"
 
 
 class _BoundedLokyPool(ProcessPoolExecutor):
@@ -347,7 +334,7 @@ class _LokyRunner(TaskRunner):
                 pid, exitcode = blamed.get(number, (None, None))
                 name = getattr(task.call.fn, "__name__", repr(task.call.fn))
                 crash = WorkerCrashedError(
-                    f"the worker process (pid {pid}) running task {name} died ({_how_it_died(exitcode)})"
+                    f"the worker process (pid {pid}) running task {name} died ({describe_exit(exitcode)})"
                     if pid is not None
                     else f"task {name} was in a worker pool that broke {task.reruns + 1} times: {error}"
                 )

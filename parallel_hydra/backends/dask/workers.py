@@ -38,6 +38,8 @@ from distributed import LocalCluster as _LocalCluster
 from distributed import Nanny as _Nanny
 from distributed.deploy.cluster import Cluster as _Cluster
 
+from ...errors import describe_exit
+
 # The package's logger: records keep the name ``parallel_hydra.backends.dask``.
 logger = logging.getLogger(__package__)
 
@@ -102,15 +104,7 @@ def _how_it_died(pid: Optional[int]) -> str:
     end = time.monotonic() + 2.0
     while pid not in _worker_exits and time.monotonic() < end:
         time.sleep(0.01)
-    exitcode = _worker_exits.get(pid)
-    if exitcode is None:
-        return "it died"
-    if exitcode < 0:
-        try:
-            return f"killed by {signal.Signals(-exitcode).name}"
-        except ValueError:
-            return f"killed by signal {-exitcode}"
-    return f"exit code {exitcode}"
+    return describe_exit(_worker_exits.get(pid))
 
 
 def start_local_cluster(kwargs: Dict[str, Any], processes: bool) -> _OwnedLocalCluster:
