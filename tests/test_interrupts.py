@@ -26,6 +26,7 @@ ENGINES = ["joblib", "ray", "dask"]
 INTERRUPTED_APP = '''\
 import os
 import sys
+import time
 
 import hydra
 from hydra.utils import instantiate

@@ -163,6 +163,7 @@ beat: false
 # raises, ``beat`` makes every job write a heartbeat file until it is stopped.
 APP = '''\
 import logging
+import os
 import time
 
 import hydra
