@@ -24,7 +24,7 @@ from ...start_log import StartLog
 from ..network import split_host_port, wait_for_listener
 from . import distributed
 from .runner import _DaskRunner, _merge_options, _submit
-from .workers import OwnedWorkers, Workers, start_local_cluster
+from .workers import OwnedWorkers, Workers, close_local_cluster, start_local_cluster
 
 # The package's logger: records keep the name ``parallel_hydra.backends.dask``.
 logger = logging.getLogger(__package__)
@@ -211,7 +211,7 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
         finally:
             try:
                 if cluster is not None:
-                    cluster.close(timeout=30)
+                    close_local_cluster(cluster, timeout=15)
             finally:
                 self._dispatch.shutdown(wait=False)
                 if self._start_log is not None:

@@ -412,7 +412,25 @@ class OwnedWorkers(Workers):
         return pid is not None and pid in self._killed_pids
 
 
-def _kill_worker(address: str, pid: Optional[int]) -> bool:
+def close_local_cluster(cluster: Any, timeout: float) -> None:
+    """Close a cluster this backend started; if Dask cannot within ``timeout``, end its
+    worker processes ourselves, so that none outlives the backend.
+
+    Seen with distributed 2025.3: a nanny restarting a worker that the ``RUNNING`` policy
+    had just killed kept ``LocalCluster.close`` waiting until it timed out.
+    """
+    workers = [getattr(nanny, "_recorded_pid", None) for nanny in list(getattr(cluster, "workers", {}).values())]
+    try:
+        cluster.close(timeout=timeout)
+    except Exception as exc:
+        left = [pid for pid in workers if pid]
+        logger.warning("Dask: the local cluster did not close within %s s (%r); killing its worker processes %s",
+                       timeout, exc, left)
+        for pid in left:
+            _kill_worker(f"pid {pid}", pid, quiet=True)
+
+
+def _kill_worker(address: str, pid: Optional[int], quiet: bool = False) -> bool:
     """Kill the worker process ``pid``, if it is one that this process started."""
     import psutil  # a dependency of distributed
 
@@ -423,7 +441,8 @@ def _kill_worker(address: str, pid: Optional[int]) -> bool:
     except psutil.Error:  # pragma: no cover
         ours = set()
     if pid not in ours:
-        logger.warning("Dask: worker %s (pid %s) is not a process of this backend; not killing it", address, pid)
+        if not quiet:
+            logger.warning("Dask: worker %s (pid %s) is not a process of this backend; not killing it", address, pid)
         return False
     try:
         process = psutil.Process(pid)
