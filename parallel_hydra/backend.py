@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import weakref
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ from .checks import require_integer
 from .config import ParallelConfig, plain
 from .engines import BY_NAME
 from .executor import ParallelExecutor, TaskRunner
+from .in_task import InTask
 from .policy import CancellationPolicy, PolicyLike, as_policy
 
 __all__ = [
@@ -188,17 +190,42 @@ class BaseParallelBackend(ABC):
         [1, 2, 3]
         """
         self._check_open()
-        n = self.effective_n_jobs(-1 if max_workers is None else max_workers)
+        if max_workers is not None:
+            check_n_jobs(max_workers)
+        slots = self.effective_n_jobs(-1)
+        n = slots if max_workers is None else resolve_n_jobs(max_workers, slots)
         if cancel_futures is None:
             cancel_futures = (config or self.config).cancel_futures
         policy = as_policy(cancel_futures)
-        executor = ParallelExecutor(self._task_runner(n), n, policy, self.config.wait_timeout)
+        executor = ParallelExecutor(
+            self._task_runner(n),
+            n,
+            policy,
+            self.config.wait_timeout,
+            threads_per_task=self.threads_per_task(n, slots),
+            log_level=self.config.logging_level,
+            progress=self.config.progress,
+        )
         self._executors.add(executor)
         return executor
 
     @abstractmethod
     def _task_runner(self, max_workers: int) -> TaskRunner:
         """The engine's side of one new executor."""
+
+    def threads_per_task(self, max_workers: int, slots: Optional[int] = None) -> int:
+        """The BLAS/OpenMP threads each task of an executor of ``max_workers`` may use.
+
+        The config's ``threads_per_task`` if set; otherwise the backend's CPUs shared
+        among the tasks that run at once, at least 1 (and never more than the CPUs of
+        the machine a task runs on). Without a cap, each of two tasks on two cores
+        would start a thread per core.
+        """
+        if self.config.threads_per_task is not None:
+            return self.config.threads_per_task
+        if slots is None:
+            slots = self.effective_n_jobs(-1)
+        return max(1, slots // max(1, max_workers))
 
     # -- CPU counts ---------------------------------------------------------------
 
@@ -251,10 +278,12 @@ class BaseParallelBackend(ABC):
         if not callable(fn):
             raise TypeError(f"wrap needs a callable; got {fn!r}")
         checked = self._check_task_options(options)
+        # Its calls run side by side on every slot: each gets its share of the CPUs.
+        in_task = InTask(fn, self.threads_per_task(self.effective_n_jobs(-1)), None, os.getpid())
 
         def remote(*args: Any, **kwargs: Any) -> Any:
             self._check_open()
-            return self._start_wrapped(fn, args, kwargs, checked)
+            return self._start_wrapped(in_task, args, kwargs, checked)
 
         remote.__name__ = getattr(fn, "__name__", "remote")
         remote.__doc__ = getattr(fn, "__doc__", None)

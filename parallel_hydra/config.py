@@ -107,6 +107,11 @@ class ParallelConfig:
     connect_timeout: float = 60.0
     # What leaving an executor's `with` block cancels: NONE, PENDING, RUNNING or ALL.
     cancel_futures: CancellationPolicy = CancellationPolicy.PENDING
+    # BLAS/OpenMP threads each task may use; null: the backend's CPUs divided by the
+    # executor's max_workers, at least 1.
+    threads_per_task: Optional[int] = None
+    # Show a progress bar for executor.map and MapReduceJob unless they say otherwise.
+    progress: bool = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -122,6 +127,9 @@ class ParallelConfig:
         _check_number("wait_timeout", self.wait_timeout, 0, strict=True)
         _check_number("connect_timeout", self.connect_timeout, 0, strict=True)
         self.cancel_futures = as_policy(self.cancel_futures)
+        _check_int("threads_per_task", self.threads_per_task, 1)
+        if not isinstance(self.progress, bool):
+            _fail("progress", "true or false", self.progress)
 
     def replace(self, **changes: Any) -> "ParallelConfig":
         """A copy with some fields changed (and validated again)."""

@@ -46,6 +46,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import threading
 import time
 import weakref
@@ -58,7 +59,9 @@ from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Mapping
 
 from .checks import require_integer
 from .errors import EngineLostError
+from .in_task import InTask, logs_of, replay
 from .policy import CancellationPolicy, PolicyLike, as_policy
+from .progress import ProgressBar
 
 __all__ = ["ParallelExecutor", "TaskRunner", "TaskFuture", "Outcome"]
 
@@ -285,6 +288,13 @@ class ParallelExecutor(Executor):
         The policy that ``shutdown()`` (and leaving a ``with`` block) applies.
     wait_timeout
         Seconds between checks while ``shutdown`` waits, so that it stays interruptible.
+    threads_per_task
+        Cap on the BLAS/OpenMP threads of each task (``None``: no cap); see ``in_task``.
+    log_level
+        What tasks log at this level or above reaches this process's loggers
+        (``None``: nothing is captured).
+    progress
+        Whether ``map`` shows a progress bar unless told otherwise.
     """
 
     def __init__(
@@ -293,9 +303,19 @@ class ParallelExecutor(Executor):
         max_workers: int,
         cancel_futures: PolicyLike = CancellationPolicy.PENDING,
         wait_timeout: float = 1.0,
+        *,
+        threads_per_task: Optional[int] = None,
+        log_level: Optional[int] = None,
+        progress: bool = False,
     ) -> None:
         require_integer("max_workers", max_workers, minimum=1)
+        require_integer("threads_per_task", threads_per_task, minimum=1, none="None")
         self._runner = runner
+        self._threads_per_task = threads_per_task
+        self._log_level = log_level
+        self._wraps_tasks = threads_per_task is not None or log_level is not None
+        self._origin_pid = os.getpid()
+        self._progress = progress
         self._max_workers = max_workers
         self._policy = as_policy(cancel_futures)
         self._wait_timeout = wait_timeout
@@ -328,6 +348,11 @@ class ParallelExecutor(Executor):
         """The policy applied on shutdown when none is given."""
         return self._policy
 
+    @property
+    def threads_per_task(self) -> Optional[int]:
+        """The cap on each task's BLAS/OpenMP threads (``None``: none)."""
+        return self._threads_per_task
+
     # -- submitting ---------------------------------------------------------------
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
@@ -354,6 +379,8 @@ class ParallelExecutor(Executor):
             raise TypeError(f"submit needs a callable; got {fn!r}")
         self._check_accepting()  # checked again under the lock; this spares prepare()
         args, kwargs = self._runner.prepare(args, kwargs)
+        if self._wraps_tasks:
+            fn = InTask(fn, self._threads_per_task, self._log_level, self._origin_pid)
         task = _Task(fn, args, kwargs, options)
         with self._lock:
             self._check_accepting()
@@ -369,6 +396,7 @@ class ParallelExecutor(Executor):
         *iterables: Iterable[Any],
         timeout: Optional[float] = None,
         chunksize: Optional[int] = None,
+        progress: Optional[bool] = None,
     ) -> Iterator[Any]:
         """Like the built-in ``map``, run in parallel; results come back in order.
 
@@ -377,22 +405,38 @@ class ParallelExecutor(Executor):
         ``1`` makes one task per item. The first exception is raised at its item, and
         ``TimeoutError`` if results are not all in ``timeout`` seconds after the call.
         Tasks whose results are not read (the iterator is closed or dropped early, or
-        raised) are cancelled.
+        raised) are cancelled. ``progress`` shows a bar of the items done as their
+        tasks finish (``None``: the backend's ``progress`` setting).
         """
         require_integer("chunksize", chunksize, minimum=1, none="None")
         end = None if timeout is None else time.monotonic() + timeout
         items = list(zip(*iterables))
+        bar = ProgressBar(len(items), getattr(fn, "__name__", None)) if (
+            self._progress if progress is None else progress
+        ) else None
         if chunksize is None:
             chunksize = max(1, math.ceil(len(items) / (4 * self._max_workers)))
-        if chunksize == 1:
-            futures = [self.submit(fn, *args) for args in items]
-            return self._results(futures, end, chunked=False)
-        chunks = [items[i : i + chunksize] for i in range(0, len(items), chunksize)]
-        del items
-        futures = [self.submit(_run_chunk, fn, chunk) for chunk in chunks]
-        return self._results(futures, end, chunked=True)
+        try:
+            if chunksize == 1:
+                futures = [self.submit(fn, *args) for args in items]
+                sizes: Iterable[int] = [1] * len(futures)
+            else:
+                chunks = [items[i : i + chunksize] for i in range(0, len(items), chunksize)]
+                sizes = [len(chunk) for chunk in chunks]
+                del items
+                futures = [self.submit(_run_chunk, fn, chunk) for chunk in chunks]
+        except BaseException:
+            if bar is not None:
+                bar.close()
+            raise
+        if bar is not None:
+            for future, size in zip(futures, sizes):
+                bar.follow(future, size)
+        return self._results(futures, end, chunked=chunksize != 1, bar=bar)
 
-    def _results(self, futures: List[Future], end: Optional[float], chunked: bool) -> Iterator[Any]:
+    def _results(
+        self, futures: List[Future], end: Optional[float], chunked: bool, bar: Optional[ProgressBar] = None
+    ) -> Iterator[Any]:
         # A generator of its own, so that map() submits everything before it returns.
         # Nothing here holds a result after handing it out.
         try:
@@ -419,6 +463,8 @@ class ParallelExecutor(Executor):
                     yield outcomes.pop()[1]
         finally:
             self._cancel_many(futures)
+            if bar is not None:
+                bar.close()
 
     def _cancel_many(self, futures: List[Future]) -> None:
         """Cancel many futures at once: one engine call for all that it must take back."""
@@ -472,6 +518,10 @@ class ParallelExecutor(Executor):
 
     def _finish(self, task: _Task, generation: int, ok: bool, value: Any) -> None:
         """The engine's completion callback for one hand-over of one task."""
+        if self._log_level is not None:
+            value, records = logs_of(ok, value)
+            if records:  # logged before the result is seen, as if the task had run here
+                replay(records)
         ready = self._settle(task, generation, ok, value)
         if ready:
             self._hand_over(ready)

@@ -11,6 +11,7 @@ from typing import Any, Callable, Dict, Generic, List, Optional, TypeVar, Union
 
 from .backend import BaseParallelBackend, ConfigLike, check_n_jobs, init_parallel_backend
 from .policy import CancellationPolicy
+from .progress import ProgressBar
 
 __all__ = ["MapReduceJob", "identity"]
 
@@ -49,6 +50,10 @@ def _split(inputs: Any, n_chunks: int) -> List[Any]:
         chunks.append(inputs[start:stop])
         start = stop
     return chunks
+
+
+def _name(fn: Any) -> Optional[str]:
+    return getattr(fn, "__name__", None)
 
 
 def _call_map(map_func: Callable[..., Any], chunk: Any, kwargs: Dict[str, Any]) -> Any:
@@ -90,6 +95,11 @@ class MapReduceJob(Generic[T, R]):
     timeout
         Seconds the whole job may take. At that deadline its tasks are stopped (the
         ``ALL`` policy) and ``TimeoutError`` is raised.
+    progress
+        Show a bar of the items done (of the jobs done, for inputs that are not cut),
+        moving as each job ends; ``None``: the backend's ``progress`` setting. The bar
+        never changes the chunks, so results are the same with it and without it: for
+        a finer bar, give a larger ``n_jobs``.
 
     Examples
     --------
@@ -111,6 +121,7 @@ class MapReduceJob(Generic[T, R]):
         *,
         n_jobs: int = -1,
         timeout: Optional[float] = None,
+        progress: Optional[bool] = None,
     ) -> None:
         check_n_jobs(n_jobs)
         if timeout is not None and timeout <= 0:
@@ -123,6 +134,9 @@ class MapReduceJob(Generic[T, R]):
         self.config = config
         self.n_jobs = n_jobs
         self.timeout = timeout
+        if progress is not None and not isinstance(progress, bool):
+            raise ValueError(f"progress must be true, false or None; got {progress!r}")
+        self.progress = progress
 
     def __call__(self, seed: Optional[Union[int, Any]] = None) -> R:
         """Run the job; ``seed`` (an int or a ``SeedSequence``) makes it reproducible."""
@@ -134,10 +148,28 @@ class MapReduceJob(Generic[T, R]):
 
     def _run(self, backend: BaseParallelBackend, seed: Optional[Union[int, Any]], deadline: Optional[float]) -> R:
         n_jobs = self.n_jobs if self.n_jobs > 0 else backend.effective_n_jobs(self.n_jobs)
-        if _is_splittable(self.inputs):
+        splittable = _is_splittable(self.inputs)
+        if splittable:
             chunks = _split(self.inputs, max(1, min(n_jobs, len(self.inputs))))
         else:
             chunks = [self.inputs] * n_jobs
+        show = backend.config.progress if self.progress is None else self.progress
+        bar = ProgressBar(len(self.inputs) if splittable else len(chunks), _name(self.map_func)) if show else None
+        try:
+            return self._run_chunks(backend, chunks, splittable, seed, deadline, bar)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    def _run_chunks(
+        self,
+        backend: BaseParallelBackend,
+        chunks: List[Any],
+        splittable: bool,
+        seed: Optional[Union[int, Any]],
+        deadline: Optional[float],
+        bar: Optional[ProgressBar],
+    ) -> R:
         seeds: List[Any] = [None] * len(chunks)
         if seed is not None:
             from numpy.random import SeedSequence
@@ -155,6 +187,8 @@ class MapReduceJob(Generic[T, R]):
                 if pass_job_id:
                     kwargs["job_id"] = job_id
                 futures.append(executor.submit(_call_map, self.map_func, chunk, kwargs))
+                if bar is not None:
+                    bar.follow(futures[-1], len(chunk) if splittable else 1)
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             done, not_done = futures_wait(futures, timeout=remaining, return_when=FIRST_EXCEPTION)
             if not_done and not any(f.exception() for f in done if not f.cancelled()):

@@ -154,3 +154,37 @@ class Box:
 
 def boxed(value: Any) -> Box:
     return Box(value)
+
+
+# -- research code inside tasks (test_in_task.py) --------------------------------------
+
+
+def blas_threads(_: Any = None) -> Any:
+    """The thread counts of the BLAS/OpenMP libraries numpy loaded, as this task sees them."""
+    import numpy as np  # noqa: F401  (loads the BLAS library)
+    from threadpoolctl import threadpool_info
+
+    np.ones((4, 4)) @ np.ones((4, 4))
+    return [(info["internal_api"], info["num_threads"]) for info in threadpool_info()]
+
+
+def log_and_return(x: int, level: int = 30) -> int:
+    import logging
+
+    logging.getLogger("research.task").log(level, "task %d logs from pid %d", x, os.getpid())
+    return x
+
+
+def log_and_raise(message: str) -> None:
+    import logging
+
+    logging.getLogger("research.task").warning("about to fail: %s", message)
+    raise Boom(message)
+
+
+def draw_mean(chunk: Any, seed: Any = None) -> float:
+    """A Monte-Carlo map function: its result depends on the chunk and its stream."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    return float(np.mean(rng.random(len(chunk))))

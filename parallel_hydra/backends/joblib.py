@@ -45,6 +45,7 @@ from ..backend import BaseParallelBackend, available_cpus
 from ..config import JoblibConfig, ParallelConfig
 from ..errors import WorkerCrashedError, describe_exit
 from ..executor import DoneCallback, TaskRunner
+from ..in_task import thread_environment
 from ..start_log import LoggedCall, StartLog
 
 __all__ = ["JoblibParallelBackend", "LocalHandle"]
@@ -212,8 +213,9 @@ class _LokyRunner(TaskRunner):
     killed, and only the stopped tasks are not run again.
     """
 
-    def __init__(self, max_workers: int, idle_timeout: float, start_log: StartLog) -> None:
+    def __init__(self, max_workers: int, idle_timeout: float, start_log: StartLog, env: Dict[str, str]) -> None:
         self._max_workers = max_workers
+        self._env = env  # set in the workers before they import anything (thread caps)
         self._idle_timeout = idle_timeout
         self._log = start_log
         # Guards the pool, the live tasks and the tokens' state.
@@ -261,7 +263,7 @@ class _LokyRunner(TaskRunner):
             if task.withdrawn or task.stopped:
                 return
             if self._pool is None:
-                self._pool = _BoundedLokyPool(self._max_workers, timeout=self._idle_timeout)
+                self._pool = _BoundedLokyPool(self._max_workers, timeout=self._idle_timeout, env=self._env)
             pool = self._pool
             task.pool = pool
             self._live[call.number] = task
@@ -462,7 +464,8 @@ class JoblibParallelBackend(BaseParallelBackend, name="joblib"):
         return available_cpus()
 
     def _task_runner(self, max_workers: int) -> TaskRunner:
-        return _LokyRunner(max_workers, self.config.idle_worker_timeout, self._start_log)
+        env = thread_environment(self.threads_per_task(max_workers))
+        return _LokyRunner(max_workers, self.config.idle_worker_timeout, self._start_log, env)
 
     # -- object store -------------------------------------------------------------
 

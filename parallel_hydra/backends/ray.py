@@ -44,6 +44,7 @@ from ..backend import BaseParallelBackend, available_cpus
 from ..config import ParallelConfig, RayConfig, RayTaskOptions, plain
 from ..errors import EngineLostError, WorkerCrashedError
 from ..executor import DoneCallback, TaskRunner
+from ..in_task import InTask
 from .network import is_loopback, split_host_port, wait_for_listener
 
 __all__ = ["RayParallelBackend"]
@@ -284,6 +285,25 @@ def _make_trampoline() -> Callable[..., Any]:
     return call
 
 
+class _TokenNotice(logging.Filter):
+    """Drops Ray's notice that token authentication is on (its default), printed on
+    every start of a local runtime; its warning that authentication is *off* stays."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Token authentication is enabled")
+
+
+#: The logger of Ray's authentication notices.
+_TOKEN_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def _quiet_token_notice(logging_level: int) -> None:
+    """At the default ``logging_level`` (WARNING) and above, hide the token notice."""
+    log = logging.getLogger(_TOKEN_LOGGER)
+    if logging_level >= logging.WARNING and not any(isinstance(f, _TokenNotice) for f in log.filters):
+        log.addFilter(_TokenNotice())
+
+
 class _RemoteCache:
     """One Ray remote function per Python function, made once and reused.
 
@@ -299,7 +319,7 @@ class _RemoteCache:
         self._ray = ray
         self._defaults = dict(defaults)
         self._lock = threading.Lock()
-        self._functions: "OrderedDict[Callable[..., Any], Any]" = OrderedDict()
+        self._functions: "OrderedDict[Any, Any]" = OrderedDict()
         self._trampoline: Any = None
 
     def __len__(self) -> int:
@@ -309,16 +329,20 @@ class _RemoteCache:
         """The remote function for ``fn``, and whether ``fn`` must be passed as first argument."""
         import inspect
 
-        if inspect.isfunction(fn):
+        # A task the executor wrapped (thread cap, log capture) is cached by what it
+        # wraps: Ray takes only functions, so it goes out as a function made once.
+        key: Any = fn.key if isinstance(fn, InTask) and inspect.isfunction(fn.fn) else fn
+        if key is not fn or inspect.isfunction(fn):
             with self._lock:
-                remote = self._functions.get(fn)
+                remote = self._functions.get(key)
                 if remote is None:
-                    remote = self._ray.remote(**self._defaults)(fn) if self._defaults else self._ray.remote(fn)
-                    self._functions[fn] = remote
+                    target = fn.as_function() if isinstance(fn, InTask) else fn
+                    remote = self._ray.remote(**self._defaults)(target) if self._defaults else self._ray.remote(target)
+                    self._functions[key] = remote
                     if len(self._functions) > self.MAX_FUNCTIONS:
                         self._functions.popitem(last=False)
                 else:
-                    self._functions.move_to_end(fn)
+                    self._functions.move_to_end(key)
             return remote, False
         return self._wrapped_trampoline(), True
 
@@ -777,6 +801,7 @@ class RayParallelBackend(BaseParallelBackend, name="ray"):
         """Start a new local runtime on 127.0.0.1, sized by the config."""
         ray = self._ray
         config = self.config
+        _quiet_token_notice(config.logging_level)
         kwargs: Dict[str, Any] = dict(
             address="local",
             num_cpus=config.n_cpus if config.n_cpus is not None else available_cpus(),

@@ -23,7 +23,7 @@ from ...executor import TaskRunner
 from ...start_log import StartLog
 from ..network import split_host_port, wait_for_listener
 from . import distributed
-from .runner import _DaskRunner, _merge_options, _submit
+from .runner import QuietTaskFailures, _DaskRunner, _merge_options, _submit
 from .workers import OwnedWorkers, Workers, close_local_cluster, start_local_cluster
 
 # The package's logger: records keep the name ``parallel_hydra.backends.dask``.
@@ -136,6 +136,7 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
             self._start_local()
         else:
             self._connect(self.config.address)
+        self.client.register_plugin(QuietTaskFailures(), name=QuietTaskFailures.name)
 
     def _start_local(self) -> None:
         config = self.config

@@ -19,6 +19,7 @@ so they stay module-level here.
 from __future__ import annotations
 
 import logging
+import os
 import pickle
 import threading
 from concurrent.futures import CancelledError, ThreadPoolExecutor
@@ -116,6 +117,35 @@ class _UnpicklableResult:
 
     def __reduce__(self) -> Tuple[Any, Tuple[Any, ...]]:
         return _UnpicklableResult, (self.message, self.cause)
+
+
+class QuietTaskFailures(distributed.WorkerPlugin):  # type: ignore[misc]
+    """A Dask worker plugin: no "Compute Failed" ERROR block for our tasks' exceptions.
+
+    A Dask worker logs every task that raises, with its traceback, before the exception
+    travels back. Our executor raises that exception to the caller, at its item, so the
+    worker's block only repeats it (on the console of a local cluster). Records of tasks
+    that did not go through parallel_hydra's task wrapper are left alone.
+    """
+
+    name = "parallel_hydra-quiet-task-failures"
+
+    def setup(self, worker: Any) -> None:
+        log = logging.getLogger("distributed.worker")
+        if not any(isinstance(f, _OurComputeFailures) for f in log.filters):
+            log.addFilter(_OurComputeFailures())
+
+
+
+class _OurComputeFailures(logging.Filter):
+    """Drops the worker's "Compute Failed" records of tasks run by ``InTask``."""
+
+    _MARK = os.path.join("parallel_hydra", "in_task.py")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not (isinstance(record.msg, str) and record.msg.startswith("Compute Failed")):
+            return True
+        return not any(isinstance(arg, str) and self._MARK in arg for arg in record.args or ())
 
 
 def _run_logged(folder: str, number: int, fn: Callable[..., Any], args: List[Any], kwargs: Dict[str, Any]) -> Any:

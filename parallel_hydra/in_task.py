@@ -1,0 +1,254 @@
+"""What surrounds each task in its worker: a cap on BLAS/OpenMP threads, and its logs.
+
+The executor sends every task out as an :class:`InTask`, which, in the worker process,
+
+- limits the thread pools of the native libraries loaded there (OpenBLAS, MKL, OpenMP:
+  whatever threadpoolctl finds) to ``threads``, so that tasks running side by side do
+  not each start a thread per core of the machine;
+- captures what the task logs with ``logging`` at ``log_level`` or above, from the
+  task's own thread, and sends the records back with the task's result (or attached to
+  its exception). The executor hands them to the loggers of the same names in the
+  submitting process (:func:`replay`), so they reach its handlers: a Hydra job's log
+  file, the user's ``basicConfig`` console.
+
+Both cost little per task: the limit is set again only when the worker has loaded new
+modules since the last time (a library is loaded by an import), and a task that logs
+nothing returns its value bare. Records arrive when the task ends, not while it runs.
+
+Nothing here imports an engine; threadpoolctl is imported in the worker, when a limit is
+first set.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+__all__ = ["InTask", "WithLogs", "replay", "logs_of", "limit_threads", "thread_environment", "THREAD_VARIABLES"]
+
+#: The environment variables that size the thread pools of native libraries when they
+#: load. threadpoolctl caps the libraries already loaded; these cover the ones a task
+#: loads later, in the worker processes the backend starts.
+THREAD_VARIABLES = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "BLIS_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+)
+
+#: The attribute of a task's exception that carries the records it logged.
+_LOGS_ATTRIBUTE = "_parallel_hydra_logs"
+
+
+class InTask:
+    """``fn(*args, **kwargs)`` run with the executor's thread cap and log capture.
+
+    ``threads`` is the cap (``None``: leave the libraries alone); ``log_level`` is the
+    lowest level captured (``None``: capture nothing). ``origin_pid`` is the process
+    that submitted the task: a task that runs there (Dask with ``processes: false``)
+    already logs to its handlers, so nothing is captured.
+    """
+
+    __slots__ = ("fn", "threads", "log_level", "origin_pid")
+
+    def __init__(self, fn: Callable[..., Any], threads: Optional[int], log_level: Optional[int], origin_pid: int) -> None:
+        self.fn = fn
+        self.threads = threads
+        self.log_level = log_level
+        self.origin_pid = origin_pid
+
+    def __reduce__(self) -> Tuple[Any, Tuple[Any, ...]]:
+        return InTask, (self.fn, self.threads, self.log_level, self.origin_pid)
+
+    def __repr__(self) -> str:
+        return f"InTask({getattr(self.fn, '__qualname__', self.fn)!r}, threads={self.threads}, log_level={self.log_level})"
+
+    @property
+    def key(self) -> Tuple[Any, ...]:
+        """What makes two of these run the same way: an engine may cache by it."""
+        return (self.fn, self.threads, self.log_level, self.origin_pid)
+
+    def as_function(self) -> Callable[..., Any]:
+        """This call as a plain function named after ``fn``, for engines that accept
+        only functions (Ray's ``ray.remote``)."""
+        in_task = self
+
+        def run(*args: Any, **kwargs: Any) -> Any:
+            return in_task(*args, **kwargs)
+
+        run.__name__ = getattr(self.fn, "__name__", "task")
+        run.__qualname__ = getattr(self.fn, "__qualname__", run.__name__)
+        run.__module__ = getattr(self.fn, "__module__", None) or __name__
+        return run
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.threads is not None:
+            limit_threads(self.threads)
+        if self.log_level is None or os.getpid() == self.origin_pid:
+            return self.fn(*args, **kwargs)
+        capture = _Capture(self.log_level)
+        capture.start()
+        try:
+            value = self.fn(*args, **kwargs)
+        except BaseException as exc:
+            records = capture.stop()
+            if records:
+                try:
+                    setattr(exc, _LOGS_ATTRIBUTE, records)
+                except Exception:  # an exception that refuses attributes: its logs are lost
+                    pass
+            raise
+        records = capture.stop()
+        return WithLogs(value, records) if records else value
+
+
+class WithLogs:
+    """A task's result with the records it logged; unwrapped by the executor."""
+
+    __slots__ = ("value", "records")
+
+    def __init__(self, value: Any, records: List[logging.LogRecord]) -> None:
+        self.value = value
+        self.records = records
+
+    def __reduce__(self) -> Tuple[Any, Tuple[Any, ...]]:
+        return WithLogs, (self.value, self.records)
+
+
+def logs_of(ok: bool, value: Any) -> Tuple[Any, List[logging.LogRecord]]:
+    """A task's outcome without its records, and the records (``[]`` if none)."""
+    if ok:
+        if type(value) is WithLogs:
+            return value.value, value.records
+        return value, []
+    records = getattr(value, _LOGS_ATTRIBUTE, None)
+    if records is None:
+        return value, []
+    try:
+        delattr(value, _LOGS_ATTRIBUTE)
+    except Exception:
+        pass
+    return value, records
+
+
+def replay(records: List[logging.LogRecord]) -> None:
+    """Hand records logged in a worker to the loggers of the same names here.
+
+    Each logger's level (and those of its parents) decides as if the record had been
+    logged here, then the handlers up its hierarchy get it.
+    """
+    for record in records:
+        logger = logging.getLogger(record.name)
+        if logger.isEnabledFor(record.levelno):
+            logger.handle(record)
+
+
+# -- in the worker ----------------------------------------------------------------------
+
+# The cap last set in this process, and how many modules were loaded then.
+_limited: Optional[Tuple[int, int]] = None
+_limit_lock = threading.Lock()
+
+
+def limit_threads(threads: int) -> None:
+    """Cap the thread pools of the native libraries loaded in this process at ``threads``.
+
+    The cap never exceeds this machine's CPUs (a larger one would add threads). It is
+    set again only when the cap changes or modules were loaded since, so a task pays
+    for threadpoolctl's scan of the loaded libraries once per worker, not every time.
+    """
+    global _limited
+    threads = max(1, min(threads, _machine_cpus()))
+    key = (threads, len(sys.modules))
+    if _limited == key:
+        return
+    with _limit_lock:
+        if _limited == key:
+            return
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(limits=threads)  # stays in force: not used as a context manager
+        _limited = (threads, len(sys.modules))
+
+
+def thread_environment(threads: int) -> Dict[str, str]:
+    """The variables of :data:`THREAD_VARIABLES` set to ``threads`` for new worker
+    processes, except those the user set in this process's environment."""
+    return {name: str(threads) for name in THREAD_VARIABLES if name not in os.environ}
+
+
+def _machine_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        return os.cpu_count() or 1
+
+
+class _Capture(logging.Handler):
+    """Keeps the records that the calling thread logs at ``level`` or above.
+
+    It sits on the root logger while the task runs. Being a handler there also keeps
+    Python's last-resort handler from printing the same records on the worker's stderr.
+    """
+
+    def __init__(self, level: int) -> None:
+        super().__init__(level)
+        self.thread = threading.get_ident()
+        self.records: List[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self.thread:
+            self.records.append(_portable(record))
+
+    def start(self) -> None:
+        _lower_root_level(self.level)
+        logging.getLogger().addHandler(self)
+
+    def stop(self) -> List[logging.LogRecord]:
+        logging.getLogger().removeHandler(self)
+        _restore_root_level()
+        return self.records
+
+
+def _portable(record: logging.LogRecord) -> logging.LogRecord:
+    """A copy of ``record`` that pickles: its message rendered, its traceback as text."""
+    copy = logging.makeLogRecord(record.__dict__)
+    copy.msg = record.getMessage()
+    copy.args = None
+    if record.exc_info:
+        if not copy.exc_text:
+            copy.exc_text = logging.Formatter().formatException(record.exc_info)
+        copy.exc_info = None
+    return copy
+
+
+# The root logger's own level while tasks capture below it: lowered while any task of
+# this process captures, put back when the last one ends.
+_root_lock = threading.Lock()
+_root_users = 0
+_root_saved: Optional[int] = None
+
+
+def _lower_root_level(level: int) -> None:
+    global _root_users, _root_saved
+    root = logging.getLogger()
+    with _root_lock:
+        _root_users += 1
+        if root.level > level:  # (NOTSET, 0, on the root lets everything through already)
+            if _root_saved is None:
+                _root_saved = root.level
+            root.setLevel(level)
+
+
+def _restore_root_level() -> None:
+    global _root_users, _root_saved
+    with _root_lock:
+        _root_users -= 1
+        if _root_users == 0 and _root_saved is not None:
+            logging.getLogger().setLevel(_root_saved)
+            _root_saved = None
