@@ -173,6 +173,10 @@ class RayTaskOptions:
     retry_exceptions: bool = False
     # Per-task runtime environment (pip, env_vars, working_dir, ...).
     runtime_env: Optional[Dict[str, Any]] = None
+    # Tasks a Ray worker process runs before Ray replaces it: 1 gives every task a fresh
+    # process (no globals or CUDA context left by the one before); 0 never replaces it;
+    # null is Ray's default (0, or 1 for tasks with GPUs). Set in the config only.
+    max_calls: Optional[int] = None
 
     def __post_init__(self) -> None:
         _check_number("task.num_cpus", self.num_cpus, 0)
@@ -180,6 +184,7 @@ class RayTaskOptions:
         _check_int("task.memory", self.memory, 1)
         self.resources = _check_resources("task.resources", self.resources)
         _check_int("task.max_retries", self.max_retries, -1, optional=False)
+        _check_int("task.max_calls", self.max_calls, 0)
         self.runtime_env = plain(self.runtime_env)
         if self.runtime_env is not None and not isinstance(self.runtime_env, dict):
             _fail("task.runtime_env", "a mapping or null", self.runtime_env)

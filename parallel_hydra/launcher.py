@@ -301,6 +301,10 @@ def _launcher_settings(settings: Mapping[str, Any]) -> Tuple[Dict[str, Any], Opt
     require_integer("hydra.launcher.max_concurrent_jobs", max_jobs, minimum=1, none="null")
     if not isinstance(fail_fast, bool):
         raise ValueError(f"hydra.launcher.fail_fast must be true or false; got {fail_fast!r}")
+    task = values.get("task")
+    if values.get("backend") == "ray" and isinstance(task, dict) and task.get("max_calls") is None:
+        # Jobs do not share a process: each gets a fresh Ray worker (task.max_calls=0 reuses them).
+        task["max_calls"] = 1
     return values, max_jobs, fail_fast
 
 

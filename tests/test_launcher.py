@@ -261,7 +261,10 @@ def check_jobs(script: Path, run: AppRun, n: int, worker_prefix: str) -> List[Di
 
 @pytest.mark.parametrize("engine", ENGINES)
 def test_jobs_run_concurrently_on_local_engine_workers(app: Path, engine: str) -> None:
-    run = sweep(app, f"hydra/launcher=parallel_{engine}", "hydra.launcher.n_cpus=2", "x=0,1,2,3", "sleep=1.5")
+    # Ray starts a fresh worker process per job by default (task.max_calls=1): the
+    # bound is about concurrency, so its workers are reused here.
+    reuse = ["hydra.launcher.task.max_calls=0"] if engine == "ray" else []
+    run = sweep(app, f"hydra/launcher=parallel_{engine}", "hydra.launcher.n_cpus=2", *reuse, "x=0,1,2,3", "sleep=1.5")
     lines = check_jobs(app, run, 4, {"joblib": "process", "ray": "ray worker", "dask": "dask worker"}[engine])
     peak, span = peak_and_span(lines)
     assert peak == 2, f"{peak} jobs ran at once on 2 slots"
@@ -280,12 +283,22 @@ def test_max_concurrent_jobs_bounds_the_sweep_and_batches_add_to_the_results(app
     assert leftovers(run.marker) == []
 
 
+def test_ray_jobs_do_not_share_a_worker_process(app: Path) -> None:
+    # One job at a time: Ray would otherwise run them all in the one worker it keeps.
+    run = sweep(app, "hydra/launcher=parallel_ray", "hydra.launcher.n_cpus=2", "hydra.launcher.max_concurrent_jobs=1",
+                "x=0,1,2")
+    lines = check_jobs(app, run, 3, "ray worker")
+    assert len({line["pid"] for line in lines}) == 3, "jobs shared a worker process (task.max_calls=1 is the default)"
+    assert leftovers(run.marker) == []
+
+
 @pytest.mark.parametrize("engine", ["ray", "dask"])
 def test_a_sweep_on_a_cluster_by_address_leaves_the_cluster_running(
     app: Path, engine: str, request: pytest.FixtureRequest
 ) -> None:
     address = _address_overrides(request, engine)
-    run = sweep(app, f"hydra/launcher=parallel_{engine}", *address, "x=0,1,2,3", "sleep=1")
+    reuse = ["hydra.launcher.task.max_calls=0"] if engine == "ray" else []  # as above
+    run = sweep(app, f"hydra/launcher=parallel_{engine}", *address, *reuse, "x=0,1,2,3", "sleep=1")
     lines = check_jobs(app, run, 4, {"ray": "ray worker", "dask": "dask worker"}[engine])
     peak, span = peak_and_span(lines)
     assert peak == 2 and span < 3.5, (peak, span)  # the cluster has 2 slots

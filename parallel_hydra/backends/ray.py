@@ -263,6 +263,9 @@ def check_task_options(options: Mapping[str, Any]) -> Dict[str, Any]:
         raise ValueError(
             f"unknown Ray task option {unknown[0]!r}; allowed options: {', '.join(TASK_OPTION_KEYS)}"
         )
+    if "max_calls" in options:
+        raise ValueError("the Ray task option 'max_calls' can be set only in the config (task.max_calls), "
+                         "not per call: Ray fixes it when a remote function is made")
     # Reuse the config's validation of values (it raises ValueError naming the field).
     RayTaskOptions(**options)
     return dict(options)
