@@ -53,6 +53,9 @@ def launchers() -> Dict[str, List[str]]:
         "basic": [],
         "parallel_joblib": ["hydra/launcher=parallel_joblib", f"hydra.launcher.n_cpus={SLOTS}"],
         "parallel_ray": ["hydra/launcher=parallel_ray", f"hydra.launcher.n_cpus={SLOTS}"],
+        # Jobs share Ray worker processes (the default gives each job a fresh one).
+        "parallel_ray_reuse": ["hydra/launcher=parallel_ray", f"hydra.launcher.n_cpus={SLOTS}",
+                               "hydra.launcher.task.max_calls=0"],
         "parallel_dask": ["hydra/launcher=parallel_dask", f"hydra.launcher.n_cpus={SLOTS}"],
     }
     if importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is not None:
@@ -82,7 +85,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         app = Path(folder) / "app.py"
         app.write_text(APP)
         print(f"{args.jobs} jobs of {args.seconds} s, {SLOTS} slots")
-        print(f"{'launcher':<16} {'start-up s':>10} {'wall s':>8} {'ideal s':>8} {'wall/ideal':>10} {'ms/job':>8}")
+        print(f"{'launcher':<18} {'start-up s':>10} {'wall s':>8} {'ideal s':>8} {'wall/ideal':>10} {'ms/job':>8}")
         for name in args.launchers.split(","):
             overrides = launchers()[name]
             startup = sweep(app, overrides, 1, 0.0)
@@ -91,7 +94,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             work = math.ceil(args.jobs / slots) * args.seconds
             ideal = startup + work
             per_job = (wall - startup - work) / args.jobs * 1000
-            print(f"{name:<16} {startup:>10.1f} {wall:>8.1f} {ideal:>8.1f} {wall / ideal:>10.2f} {per_job:>8.0f}")
+            print(f"{name:<18} {startup:>10.1f} {wall:>8.1f} {ideal:>8.1f} {wall / ideal:>10.2f} {per_job:>8.0f}")
 
 
 if __name__ == "__main__":
