@@ -24,7 +24,9 @@ import logging
 import math
 import shlex
 import shutil
+import signal
 import subprocess
+import sys
 import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
@@ -49,6 +51,14 @@ _LISTERS = {"scancel": ["squeue", "--noheader", "--format=%i %T %r", "--jobs"]}
 
 
 def _import_jobqueue() -> Any:
+    """Import dask-jobqueue, keeping this process's Ctrl-C handler.
+
+    dask-jobqueue 0.9 replaces the SIGINT handler when it is imported (its runner module
+    makes Ctrl-C raise ``SystemExit``), which would turn an app's Ctrl-C into an exit
+    that the executor does not treat as Ctrl-C; the handler is put back at once.
+    """
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGINT)
     try:
         import dask_jobqueue
     except ImportError as exc:
@@ -56,6 +66,14 @@ def _import_jobqueue() -> Any:
             "a batch cluster (parallel.cluster) needs dask-jobqueue, which is not installed; "
             "install it with: pip install 'parallel-hydra[hpc]'"
         ) from exc
+    except ValueError as exc:  # signal.signal off the main thread
+        raise ImportError(
+            f"dask-jobqueue could not be imported off the main thread ({exc}): start the first "
+            f"batch-cluster backend of a process from its main thread"
+        ) from exc
+    finally:
+        if in_main_thread and handler is not None and signal.getsignal(signal.SIGINT) is not handler:
+            signal.signal(signal.SIGINT, handler)
     return dask_jobqueue
 
 
@@ -108,6 +126,9 @@ def _ledger_job_class(base: Any, ledger: _JobLedger) -> Any:
             await base.start(self)
         except BaseException as exc:
             ledger.failed(exc)
+            # Marked failed, so that closing the cluster does not trip over it (a job that
+            # never started stays "created", which SpecCluster.close asserts against).
+            self.status = distributed.core.Status.failed
             raise
         finally:
             if getattr(self, "job_id", None):
@@ -255,7 +276,12 @@ def start_batch_cluster(config: DaskConfig) -> Tuple[BatchCluster, Any]:
                        target, ", ".join(ignored))
     jobs, n_workers, _ = batch_layout(config)
 
-    scheduler_options = dict(kwargs.pop("scheduler_options", None) or {})
+    import dask
+
+    # Ours are merged over the site's own (jobqueue.<name>.scheduler-options in Dask's
+    # config), which dask-jobqueue would otherwise use only when we pass none.
+    scheduler_options = dict(dask.config.get(f"jobqueue.{cls.job_cls.config_name}.scheduler-options", None) or {})
+    scheduler_options.update(kwargs.pop("scheduler_options", None) or {})
     host = kwargs.pop("host", None)
     if host is not None:
         scheduler_options["host"] = host
@@ -263,16 +289,18 @@ def start_batch_cluster(config: DaskConfig) -> Tuple[BatchCluster, Any]:
     # 127.0.0.1 only unless a dashboard is asked for (reach it with an SSH tunnel).
     scheduler_options.setdefault("dashboard_address", (f"{host or ''}:0") if config.dashboard else "127.0.0.1:0")
     scheduler_options.setdefault("dashboard", config.dashboard)
-    if scheduler_options:
-        kwargs["scheduler_options"] = scheduler_options
-    import dask
-
+    kwargs["scheduler_options"] = scheduler_options
     if dask.config.get("distributed.worker.daemon", True) is False:
         # The launcher asks for workers that may start processes (see launcher._engine_settings);
         # the jobs' workers read their Dask config from their environment.
         kwargs["job_script_prologue"] = list(kwargs.get("job_script_prologue") or []) + [
             "export DASK_DISTRIBUTED__WORKER__DAEMON=False"
         ]
+    # The worker replaces the job's shell (exec): cancelling the job then signals the
+    # worker itself, which cannot outlive a shell that died first (SLURM's linuxproc
+    # tracking, for one, loses processes whose parent is gone).
+    python = str(kwargs.get("python") or sys.executable)
+    kwargs["python"] = python if python.startswith("exec ") else f"exec {python}"
     kwargs.setdefault("silence_logs", config.logging_level)
     logging.getLogger("dask_jobqueue").setLevel(config.logging_level)
 
@@ -303,9 +331,10 @@ def _await_first_worker(batch: BatchCluster, client: Any, target: str, timeout: 
     end = time.monotonic() + timeout
     while True:
         if batch.ledger.failures:
-            raise RuntimeError(
-                f"{target}: submitting a batch job failed: {batch.ledger.failures[0]}"
-            )
+            # dask-jobqueue's error holds the command and its output; its stderr says why.
+            error = batch.ledger.failures[0]
+            reason = error.split("stderr:", 1)[1].strip() if "stderr:" in error else error
+            raise RuntimeError(f"{target}: submitting a batch job failed: {reason}")
         if client.run_on_scheduler(_joined_worker_pids):
             return
         if time.monotonic() > end:
@@ -334,6 +363,7 @@ class BatchWorkers(Workers):
         super().__init__(client, wait_timeout)
         self._batch = batch
         self._stop_lock = threading.Lock()
+        self._replaced = 0
 
     def joined(self) -> Dict[str, Any]:
         return dict(self._client.run_on_scheduler(_joined_worker_pids))
@@ -377,8 +407,14 @@ class BatchWorkers(Workers):
             _cancel_jobs(self._batch.cancel_command, ids)
             logger.info("Dask: cancelled batch job(s) %s to stop %d task(s); submitting new ones",
                         ", ".join(ids), len(done["cancelled"]))
+            # Each cancelled job's spec is replaced by a new one of a name never used (a
+            # name the cluster still has a job under would not start a new job); the
+            # cluster then closes the old job and submits the new one.
             for spec_name in jobs:
-                cluster.worker_spec.pop(spec_name, None)
+                spec = cluster.worker_spec.pop(spec_name, None)
+                if spec is not None:
+                    self._replaced += 1
+                    cluster.worker_spec[f"{spec_name}-r{self._replaced}"] = spec
             cluster.scale(jobs=self._batch.jobs)
             self._await_left(set(done["workers"]) - set(unmapped))
 
