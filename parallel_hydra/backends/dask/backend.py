@@ -182,7 +182,7 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
         self._batch, self.client = start_batch_cluster(self.config)
         self.cluster = self._batch.cluster
         self._layout = (n_workers, threads)
-        self._workers = BatchWorkers(self._batch, self.client, self.config.wait_timeout)
+        self._workers = BatchWorkers(self._batch, self.client, self.config.wait_timeout, self.config.connect_timeout)
         self._address = self.client.scheduler.address
 
     def _connect(self, address: str) -> None:
@@ -279,7 +279,9 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
     def _count_slots(self) -> int:
         self._check_engine()
         if self._batch is not None and self._layout is not None:
-            # The size asked for: batch jobs start when the queue lets them.
+            # The size asked for: batch jobs start when the queue lets them (only jobs
+            # that replace cancelled ones are waited for, boundedly).
+            self._workers.await_whole()
             return self._layout[0] * self._layout[1]
         self._workers.await_whole()
         total = self._thread_total()

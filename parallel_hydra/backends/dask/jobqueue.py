@@ -309,7 +309,12 @@ def start_batch_cluster(config: DaskConfig) -> Tuple[BatchCluster, Any]:
     shown = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
     logger.info("starting Dask: %s(%s); then scale(n=%d): %d batch job(s)", target, shown, n_workers, jobs)
     try:
-        cluster = cls(job_cls=job_cls, **kwargs)
+        # The scheduler (made here, in this process) gives each worker only as many tasks
+        # as it has threads: the others wait on the scheduler for whichever worker is free
+        # or joins next. Workers join one by one as the queue starts their jobs, and a
+        # task handed ahead to an early worker would wait there behind a long one.
+        with dask.config.set({"distributed.scheduler.worker-saturation": 1.0}):
+            cluster = cls(job_cls=job_cls, **kwargs)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"parallel config: cluster: {target} refused its arguments ({shown}): {exc}") from None
     batch = BatchCluster(cluster, ledger, cls.job_cls.cancel_command, jobs)
@@ -359,14 +364,30 @@ class BatchWorkers(Workers):
     job of its worker (with the other workers of that job) and submits a new job.
     """
 
-    def __init__(self, batch: BatchCluster, client: Any, wait_timeout: float) -> None:
+    def __init__(self, batch: BatchCluster, client: Any, wait_timeout: float, restore_timeout: float) -> None:
         super().__init__(client, wait_timeout)
+        self._restore_timeout = restore_timeout
         self._batch = batch
         self._stop_lock = threading.Lock()
         self._replaced = 0
+        # Workers the cluster had before stop_tasks cancelled their jobs: the next
+        # executor waits (up to connect_timeout) until that many have joined again.
+        self._restoring = 0
 
     def joined(self) -> Dict[str, Any]:
         return dict(self._client.run_on_scheduler(_joined_worker_pids))
+
+    def await_whole(self) -> None:
+        """After ``stop_tasks`` replaced jobs, wait (up to ``connect_timeout``) until as
+        many workers as before have joined again.
+
+        Tasks handed to Dask while a replacement is still starting would all go to the
+        workers present, where one can wait behind a long task while the new worker
+        idles. Otherwise nothing waits: jobs start when the queue lets them.
+        """
+        if self._restoring and len(self.joined()) < self._restoring:
+            self.wait_for(self._restoring, self._restore_timeout)
+        self._restoring = 0
 
     def _job_of(self, address: str) -> Optional[Tuple[str, Any]]:
         """``(spec name, job)`` of the batch job that runs the worker at ``address``."""
@@ -387,6 +408,7 @@ class BatchWorkers(Workers):
         if not futures:
             return
         with self._stop_lock:
+            before = len(self.joined())
             done = self._cancel_when_known(futures, only_unstarted=False)
             self._client.cancel(futures, force=True)
             jobs: Dict[str, Any] = {}
@@ -416,6 +438,7 @@ class BatchWorkers(Workers):
                     self._replaced += 1
                     cluster.worker_spec[f"{spec_name}-r{self._replaced}"] = spec
             cluster.scale(jobs=self._batch.jobs)
+            self._restoring = max(self._restoring, before)
             self._await_left(set(done["workers"]) - set(unmapped))
 
     def _await_left(self, addresses: set) -> None:
