@@ -4,7 +4,10 @@ Each ``parallel`` option is its engine's config dataclass plus a ``_target_``, s
 ``hydra.utils.instantiate(cfg.parallel)`` returns a started backend. Each launcher option
 (``hydra/launcher=parallel_ray``, ...) is the same dataclass plus the launcher's own
 fields, so a sweep runs on the same engines, clusters and fields as the jobs themselves.
-Both groups are put in Hydra's ``ConfigStore`` by :func:`register_configs`, which the
+The Dask options also have a ``cluster`` subgroup (``parallel/cluster`` and
+``hydra/launcher/cluster``: ``local``, ``slurm``, ``pbs``, ...; see
+:mod:`parallel_hydra.cluster_config`). All groups are put in Hydra's ``ConfigStore`` by
+:func:`register_configs`, which the
 package's Hydra plugin (``hydra_plugins.parallel_hydra_plugin``) calls whenever any Hydra
 app starts: a user's ``defaults: [{parallel: joblib}]`` or ``-m
 hydra/launcher=parallel_joblib`` then works with no YAML copied from us.
