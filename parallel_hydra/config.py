@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional
 
 from .checks import require_integer
+from .cluster_config import as_cluster_kwargs
 from .policy import CancellationPolicy, as_policy
 
 __all__ = [
@@ -241,7 +242,8 @@ class DaskTaskOptions:
 
 @dataclass
 class DaskConfig(ParallelConfig):
-    """The Dask backend: a ``LocalCluster``, or a scheduler reached by ``address``."""
+    """The Dask backend: a ``LocalCluster``, a batch cluster (``cluster``), or a
+    scheduler reached by ``address``."""
 
     # Name of the engine.
     backend: str = "dask"
@@ -259,9 +261,17 @@ class DaskConfig(ParallelConfig):
     local_directory: Optional[str] = None
     # Options of every task: resources, retries, priority.
     task: DaskTaskOptions = field(default_factory=DaskTaskOptions)
+    # Where the workers run (the parallel/cluster group): null or local, a LocalCluster
+    # on this machine; slurm, pbs, sge, lsf or htcondor, Dask workers in batch jobs of
+    # that scheduler (n_workers of them). See parallel_hydra.cluster_config.
+    cluster: Optional[Any] = None
 
     def validate(self) -> None:
         super().validate()
+        self.cluster = as_cluster_kwargs(self.cluster)
+        if self.cluster is not None and self.address is not None:
+            _fail("cluster", "null (local) when address is set: the backend either connects to a scheduler "
+                  "or starts a cluster", self.cluster["_target_"])
         _check_int("n_workers", self.n_workers, 1)
         _check_int("threads_per_worker", self.threads_per_worker, 1)
         if not isinstance(self.memory_limit, (str, int)) or isinstance(self.memory_limit, bool):

@@ -4,7 +4,10 @@ Each ``parallel`` option is its engine's config dataclass plus a ``_target_``, s
 ``hydra.utils.instantiate(cfg.parallel)`` returns a started backend. Each launcher option
 (``hydra/launcher=parallel_ray``, ...) is the same dataclass plus the launcher's own
 fields, so a sweep runs on the same engines, clusters and fields as the jobs themselves.
-Both groups are put in Hydra's ``ConfigStore`` by :func:`register_configs`, which the
+The Dask options also have a ``cluster`` subgroup (``parallel/cluster`` and
+``hydra/launcher/cluster``: ``local``, ``slurm``, ``pbs``, ...; see
+:mod:`parallel_hydra.cluster_config`). All groups are put in Hydra's ``ConfigStore`` by
+:func:`register_configs`, which the
 package's Hydra plugin (``hydra_plugins.parallel_hydra_plugin``) calls whenever any Hydra
 app starts: a user's ``defaults: [{parallel: joblib}]`` or ``-m
 hydra/launcher=parallel_joblib`` then works with no YAML copied from us.
@@ -15,8 +18,9 @@ Nothing here imports an engine.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, make_dataclass
-from typing import Dict, Optional, Tuple, Type
+from typing import Any, Dict, List, Optional, Tuple, Type
 
+from .cluster_config import CLUSTER_OPTIONS, open_node
 from .config import ParallelConfig
 from .engines import ENGINES
 
@@ -29,6 +33,7 @@ __all__ = [
     "RayLauncherNode",
     "DaskLauncherNode",
     "GROUP",
+    "CLUSTER_GROUP",
     "LAUNCHER_GROUP",
     "LAUNCHER_KEYS",
     "register_configs",
@@ -36,6 +41,9 @@ __all__ = [
 
 #: The name of the config group, as in ``parallel=ray`` on the command line.
 GROUP = "parallel"
+#: The Dask option's cluster group, as in ``+parallel/cluster=slurm``; the launcher's is
+#: ``hydra/launcher/cluster``.
+CLUSTER_GROUP = "parallel/cluster"
 #: Hydra's group of launchers, as in ``hydra/launcher=parallel_ray``.
 LAUNCHER_GROUP = "hydra/launcher"
 #: The Hydra plugin class the launcher options instantiate. Hydra only instantiates
@@ -44,8 +52,16 @@ LAUNCHER_TARGET = "hydra_plugins.parallel_hydra_plugin.launcher.ParallelLauncher
 
 
 def _node(name: str, bases: Tuple[type, ...], target: str, doc: str) -> Type[ParallelConfig]:
-    """A config group option: the engine's config dataclass plus a ``_target_``."""
-    node = make_dataclass(name, [("_target_", str, field(default=target))], bases=bases)
+    """A config group option: the engine's config dataclass plus a ``_target_``.
+
+    An engine config with a ``cluster`` field (Dask) also gets ``_recursive_: false``:
+    the cluster option has a ``_target_`` of its own (``dask_jobqueue.SLURMCluster``),
+    which the backend builds when it starts; Hydra's ``instantiate`` must not.
+    """
+    fields: List[Tuple[str, type, Any]] = [("_target_", str, field(default=target))]
+    if any("cluster" in getattr(base, "__dataclass_fields__", {}) for base in bases):
+        fields.append(("_recursive_", bool, field(default=False)))
+    node = make_dataclass(name, fields, bases=bases)
     node.__doc__ = doc
     node.__module__ = __name__
     return node
@@ -110,3 +126,8 @@ def register_configs() -> None:
         store.store(group=GROUP, name=name, node=node, provider="parallel_hydra")
     for name, node in LAUNCHER_OPTIONS.items():
         store.store(group=LAUNCHER_GROUP, name=name, node=node, provider="parallel_hydra")
+    # Where the Dask option's workers run: the same options under both groups, so that
+    # `+hydra/launcher/cluster=slurm` runs a sweep's jobs in batch jobs too.
+    for name, cluster in CLUSTER_OPTIONS.items():
+        for group in (CLUSTER_GROUP, f"{LAUNCHER_GROUP}/cluster"):
+            store.store(group=group, name=name, node=open_node(cluster), provider="parallel_hydra")

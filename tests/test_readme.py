@@ -67,7 +67,8 @@ def test_the_hydra_snippet_runs_in_a_users_repo_with_the_commands_shown(tmp_path
     (tmp_path / "conf").mkdir()
     (tmp_path / "conf" / "config.yaml").write_text(config)
     (tmp_path / "train.py").write_text(app)
-    shown = [code for _, code in snippets("bash") if "python train.py" in code]
+    # The HPC commands need a SLURM: test_slurm.py runs them.
+    shown = [code for _, code in snippets("bash") if "python train.py" in code and "cluster=slurm" not in code]
     lines = ["python train.py"] + [line for code in shown for line in command_lines(code)]
     for line in lines:
         # The README names the usual local scheduler port; the test's cluster has its own.

@@ -128,11 +128,15 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
         self._layout: Optional[Tuple[int, int]] = None
         # Which task each worker process started last: only for worker processes we start.
         self._start_log: Optional[StartLog] = None
+        # The batch cluster (dask-jobqueue) this backend started, if any (see jobqueue.py).
+        self._batch: Optional[Any] = None
         self._address = self.config.address or "a local cluster"
         # The engine's loggers follow logging_level, whatever the app's root logger says
         # (Hydra apps log INFO by default).
         logging.getLogger("distributed").setLevel(self.config.logging_level)
-        if self.config.address is None:
+        if self.config.address is None and self.config.cluster is not None:
+            self._start_batch()
+        elif self.config.address is None:
             self._start_local()
         else:
             self._connect(self.config.address)
@@ -170,6 +174,17 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
         self._address = self.client.scheduler.address
         if config.processes:
             self._start_log = StartLog()
+
+    def _start_batch(self) -> None:
+        """Start the batch cluster of ``config.cluster`` (Dask workers in batch jobs)."""
+        from .jobqueue import BatchWorkers, batch_layout, start_batch_cluster
+
+        _, n_workers, threads = batch_layout(self.config)
+        self._batch, self.client = start_batch_cluster(self.config)
+        self.cluster = self._batch.cluster
+        self._layout = (n_workers, threads)
+        self._workers = BatchWorkers(self._batch, self.client, self.config.wait_timeout, self.config.connect_timeout)
+        self._address = self.client.scheduler.address
 
     def _connect(self, address: str) -> None:
         config = self.config
@@ -211,7 +226,9 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
                     logger.debug("Dask: closing the client of a lost scheduler: %r", exc)
         finally:
             try:
-                if cluster is not None:
+                if self._batch is not None:
+                    self._batch.close()
+                elif cluster is not None:
                     close_local_cluster(cluster, timeout=15)
             finally:
                 self._dispatch.shutdown(wait=False)
@@ -250,6 +267,10 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
         if config.address is not None:
             return None
         assert isinstance(config, DaskConfig)
+        if config.cluster is not None:
+            from .jobqueue import batch_layout
+
+            return batch_layout(config)[1] * batch_layout(config)[2]
         n_workers, threads = _local_layout(config)
         return n_workers * threads
 
@@ -258,6 +279,11 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
 
     def _count_slots(self) -> int:
         self._check_engine()
+        if self._batch is not None and self._layout is not None:
+            # The size asked for: batch jobs start when the queue lets them (only jobs
+            # that replace cancelled ones are waited for, boundedly).
+            self._workers.await_whole()
+            return self._layout[0] * self._layout[1]
         self._workers.await_whole()
         total = self._thread_total()
         if total == 0:
