@@ -140,7 +140,10 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
             self._start_local()
         else:
             self._connect(self.config.address)
-        self.client.register_plugin(QuietTaskFailures(), name=QuietTaskFailures.name)
+        try:
+            self.client.register_plugin(QuietTaskFailures(), name=QuietTaskFailures.name)
+        except Exception as exc:  # workers that cannot import parallel_hydra: only noisier logs
+            logger.debug("could not quiet the workers' 'Compute Failed' logs: %s", exc)
 
     def _start_local(self) -> None:
         config = self.config
