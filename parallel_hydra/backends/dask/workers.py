@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import multiprocessing.util
 import os
 import signal
 import threading
@@ -93,14 +94,36 @@ class _ParentWorker(_Worker):
     change every cluster of the process. So the worker clears the flag of its own
     process instead. Nothing else changes: its nanny still ends it with the cluster, and
     it still exits when the process that started the cluster dies (Dask's worker
-    process watches a pipe from its parent); the processes a task starts are the task's
-    to stop (a backend stops its own at shutdown).
+    process watches a pipe from its parent).
+
+    A process that the tasks left running would hold up the worker's exit, though:
+    multiprocessing joins a process's non-daemonic children before it ends, and
+    joblib's reusable loky pool, for one, stays idle for 5 minutes; the nanny then kills
+    the worker after 4 s and the pool lives on, orphaned. So the worker ends such
+    children itself as it exits (:func:`_end_children`).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         # In the worker process, which was not started by itself: the flag can be set.
-        multiprocessing.current_process().daemon = False
+        process = multiprocessing.current_process()
+        if process.daemon:
+            process.daemon = False
+            # Run by multiprocessing as the process ends, before it joins the children.
+            multiprocessing.util.Finalize(None, _end_children, exitpriority=100)
         super().__init__(*args, **kwargs)
+
+
+def _end_children(grace: float = 5.0) -> None:
+    """End this process's non-daemonic children (SIGTERM, then SIGKILL after ``grace``)."""
+    children = [child for child in multiprocessing.active_children() if not child.daemon]
+    for child in children:
+        child.terminate()
+    end = time.monotonic() + grace
+    for child in children:
+        child.join(max(0.0, end - time.monotonic()))
+        if child.is_alive():
+            child.kill()
+            child.join(1.0)
 
 
 class _RecordingNanny(_Nanny):
