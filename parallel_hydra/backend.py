@@ -29,6 +29,7 @@ __all__ = [
     "init_executor",
     "check_n_jobs",
     "resolve_n_jobs",
+    "SizedJoblibBackend",
     "ConfigLike",
 ]
 
