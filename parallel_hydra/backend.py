@@ -31,6 +31,7 @@ __all__ = [
     "init_executor",
     "check_n_jobs",
     "resolve_n_jobs",
+    "SizedJoblibBackend",
     "ConfigLike",
 ]
 
@@ -255,6 +256,60 @@ class BaseParallelBackend(ABC):
             slots = min(slots, config.n_cpus)
         return slots
 
+    # -- joblib inside --------------------------------------------------------------
+
+    @contextmanager
+    def joblib_context(self, n_jobs: Optional[int] = None) -> Iterator[None]:
+        """Inside the block, ``joblib.Parallel`` runs on this backend's engine.
+
+        Research code parallelises with joblib, often without saying so (scikit-learn's
+        ``n_jobs``, ``GridSearchCV``, ``cross_val_score``). Left alone, each such call
+        starts its own loky pool on this machine, sized by this machine's CPUs, even
+        when the backend is a Ray or Dask cluster. Inside this block, those calls use
+        the engine's own joblib backend on this backend's session (loky sized by the
+        backend; ``ray.util.joblib`` on the backend's Ray session; joblib's Dask backend
+        on the backend's ``client``), and a call's ``n_jobs`` means what
+        :meth:`effective_n_jobs` says: ``-1`` is every slot of this backend, ``-2`` all
+        but one, a larger number is capped at the slots.
+
+        Parameters
+        ----------
+        n_jobs
+            The ``n_jobs`` of calls that give none (``None``, scikit-learn's default).
+            ``None`` keeps what an enclosing ``joblib.parallel_config`` says, or else
+            1, on every engine (joblib's own Dask backend would take every thread).
+
+        The previous joblib configuration is back when the block ends. Like
+        ``joblib.parallel_config``, which it uses, the setting belongs to the thread
+        that entered the block; blocks nest.
+
+        Examples
+        --------
+        >>> import joblib
+        >>> from parallel_hydra import init_parallel_backend
+        >>> with init_parallel_backend({"n_cpus": 1}) as backend:
+        ...     with backend.joblib_context():
+        ...         joblib.effective_n_jobs(-1)
+        1
+        """
+        self._check_open()
+        settings: Dict[str, Any] = {}
+        if n_jobs is not None:
+            check_n_jobs(n_jobs)
+            settings["n_jobs"] = n_jobs
+        import joblib
+
+        with joblib.parallel_config(backend=self._joblib_backend(), **settings):
+            yield
+
+    def _joblib_backend(self) -> Any:
+        """A new joblib backend (``ParallelBackendBase``) that runs on this engine.
+
+        Each engine's module makes one, from the engine's own joblib backend class with
+        :class:`SizedJoblibBackend` mixed in.
+        """
+        raise NotImplementedError(f"the {self.name} backend has no joblib backend; joblib_context() is not available")
+
     # -- object store -------------------------------------------------------------
 
     @abstractmethod
@@ -339,6 +394,33 @@ def resolve_n_jobs(n_jobs: int, available: int) -> int:
     if n_jobs < 0:
         return max(1, available + 1 + n_jobs)
     return max(1, min(n_jobs, available))
+
+
+class SizedJoblibBackend:
+    """Mixed into an engine's joblib backend class: ``n_jobs`` counted by our backend.
+
+    The engines' joblib backends each read ``n_jobs`` their own way: loky's ``-1`` is
+    every CPU of this machine, Ray's every CPU of the whole cluster (whatever ``n_cpus``
+    and ``task.num_cpus`` say, and a pool larger than the cluster fails), and Dask's
+    backend ignores ``n_jobs`` and counts every thread. Mixed in before the engine's
+    class (``class _Sized(SizedJoblibBackend, LokyBackend)``), it makes every request
+    mean :meth:`BaseParallelBackend.effective_n_jobs` of the backend given as
+    ``sized_by``, and nothing more than the engine's class allows (joblib's own
+    fallbacks to one job, such as inside a daemonic process, stay). A call that gives no
+    ``n_jobs`` gets one job, as joblib documents, on every engine.
+    """
+
+    #: ``n_jobs`` of a call that gives none and has no enclosing ``parallel_config``'s.
+    default_n_jobs = 1
+
+    def __init__(self, *args: Any, sized_by: BaseParallelBackend, **kwargs: Any) -> None:
+        self._sized_by = sized_by
+        super().__init__(*args, **kwargs)
+
+    def effective_n_jobs(self, n_jobs: Optional[int]) -> int:
+        """The jobs a call of ``n_jobs`` gets: the backend's count, within the engine's."""
+        wanted = self._sized_by.effective_n_jobs(self.default_n_jobs if n_jobs is None else n_jobs)
+        return int(min(wanted, super().effective_n_jobs(wanted)))  # type: ignore[misc]
 
 
 def _backend_class(name: str) -> Type[BaseParallelBackend]:

@@ -312,17 +312,10 @@ def _launcher_settings(settings: Mapping[str, Any]) -> Tuple[Dict[str, Any], Opt
 def _engine_settings(config: Mapping[str, Any]) -> Iterator[None]:
     """Engine settings a sweep needs while it runs.
 
-    Dask starts a local cluster's workers as daemon processes, which may not start
-    processes of their own: a job could then not use ``parallel=joblib`` or a local Dask
-    cluster itself. The launcher's own local cluster starts them as ordinary processes
-    (they are stopped with the cluster all the same).
+    (The workers of a local Dask cluster may start processes, so that a job can use
+    ``parallel=joblib`` or a local cluster itself: the Dask backend's own cluster
+    allows it, see ``backends/dask/workers.py``.)
     """
-    if config.get("backend") == "dask" and config.get("address") is None and config.get("processes", True):
-        import dask
-
-        with dask.config.set({"distributed.worker.daemon": False}):
-            yield
-        return
     if config.get("backend") == "dask" and not config.get("processes", True):
         logger.warning("processes=false: the jobs run as threads of this process, one at a time")
     yield

@@ -46,7 +46,7 @@ def run_line(line: str, cwd: Path, timeout: float = 300) -> subprocess.Completed
 
 
 def test_the_readme_has_the_snippets_this_file_runs() -> None:
-    assert len(snippets("python")) == 3 and any("@hydra.main" in code for _, code in snippets("python"))
+    assert len(snippets("python")) == 4 and any("@hydra.main" in code for _, code in snippets("python"))
     assert len(snippets("yaml")) == 1
 
 

@@ -38,10 +38,11 @@ from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.connection import wait as mp_wait
 from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
 
+from joblib._parallel_backends import LokyBackend
 from joblib.externals.loky.backend.utils import kill_process_tree
 from joblib.externals.loky.process_executor import ProcessPoolExecutor
 
-from ..backend import BaseParallelBackend, available_cpus
+from ..backend import BaseParallelBackend, SizedJoblibBackend, available_cpus
 from ..config import JoblibConfig, ParallelConfig
 from ..errors import WorkerCrashedError, describe_exit
 from ..executor import DoneCallback, TaskRunner
@@ -405,6 +406,10 @@ class _LokyRunner(TaskRunner):
             pool.shutdown(wait=True)
 
 
+class _SizedLokyBackend(SizedJoblibBackend, LokyBackend):
+    """joblib's own loky backend, with ``n_jobs`` counted by our backend (``joblib_context``)."""
+
+
 class JoblibParallelBackend(BaseParallelBackend, name="joblib"):
     """Runs tasks in loky worker processes on this machine; nothing to set up.
 
@@ -466,6 +471,12 @@ class JoblibParallelBackend(BaseParallelBackend, name="joblib"):
     def _task_runner(self, max_workers: int) -> TaskRunner:
         env = thread_environment(self.threads_per_task(max_workers))
         return _LokyRunner(max_workers, self.config.idle_worker_timeout, self._start_log, env)
+
+    def _joblib_backend(self) -> Any:
+        # joblib.Parallel runs on joblib's one reusable loky pool of this process (shared
+        # with joblib calls outside the block, and resized to each call's n_jobs); its
+        # idle workers leave after joblib's own timeout (300 s), or at exit.
+        return _SizedLokyBackend(sized_by=self)
 
     # -- object store -------------------------------------------------------------
 

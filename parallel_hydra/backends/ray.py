@@ -28,6 +28,7 @@ Stopping a running task force-cancels it, which kills its worker process.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import math
 import os
@@ -40,7 +41,7 @@ import weakref
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
-from ..backend import BaseParallelBackend, available_cpus
+from ..backend import BaseParallelBackend, SizedJoblibBackend, available_cpus
 from ..config import ParallelConfig, RayConfig, RayTaskOptions, plain
 from ..errors import EngineLostError, WorkerCrashedError
 from ..executor import DoneCallback, TaskRunner
@@ -740,6 +741,35 @@ def _token_available() -> bool:
     return os.path.isfile(path)
 
 
+# -- joblib on Ray ----------------------------------------------------------------------
+
+#: The task options that also apply to the actors of Ray's joblib pool.
+_ACTOR_OPTION_KEYS = ("num_cpus", "num_gpus", "memory", "resources", "runtime_env")
+
+
+@functools.lru_cache(maxsize=None)
+def _joblib_backend_class() -> type:
+    """``ray.util.joblib``'s backend with ``n_jobs`` counted by our backend (made once,
+    on first use, so that importing this module does not import Ray).
+
+    Ray's class takes ``n_jobs=-1`` as every CPU of the cluster and starts a pool of
+    that many actors whatever ``n_cpus`` says (a larger pool fails); its ``ray.init``
+    when no session runs is never reached, since the backend's session runs.
+    """
+    from ray.util.joblib.ray_backend import RayBackend
+
+    class _SizedRayBackend(SizedJoblibBackend, RayBackend):
+        """Ray's joblib backend on the backend's session, sized by the backend."""
+
+        def configure(self, *args: Any, **kwargs: Any) -> Any:
+            # joblib hands every pool a multiprocessing context, which Ray's pool does
+            # not use and warns about.
+            kwargs.pop("context", None)
+            return super().configure(*args, **kwargs)
+
+    return _SizedRayBackend
+
+
 # -- the backend ----------------------------------------------------------------------
 
 
@@ -975,6 +1005,13 @@ class RayParallelBackend(BaseParallelBackend, name="ray"):
 
     def _task_runner(self, max_workers: int) -> TaskRunner:
         return _RayRunner(self)
+
+    def _joblib_backend(self) -> Any:
+        # Ray's joblib backend runs each joblib.Parallel call on a pool of actors that
+        # it starts on the session this backend opened or joined, and stops after the
+        # call; the actors reserve what the config's tasks do.
+        actor_options = {key: value for key, value in self._task_defaults.items() if key in _ACTOR_OPTION_KEYS}
+        return _joblib_backend_class()(sized_by=self, ray_remote_args=actor_options)
 
     # -- object store -------------------------------------------------------------
 

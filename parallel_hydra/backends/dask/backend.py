@@ -16,18 +16,25 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from ...backend import BaseParallelBackend, available_cpus
+from ...backend import BaseParallelBackend, SizedJoblibBackend, available_cpus
 from ...config import DaskConfig, ParallelConfig
 from ...errors import EngineLostError
 from ...executor import TaskRunner
 from ...start_log import StartLog
 from ..network import split_host_port, wait_for_listener
+from joblib._dask import DaskDistributedBackend
+
 from . import distributed
 from .runner import QuietTaskFailures, _DaskRunner, _merge_options, _submit
 from .workers import OwnedWorkers, Workers, close_local_cluster, start_local_cluster
 
 # The package's logger: records keep the name ``parallel_hydra.backends.dask``.
 logger = logging.getLogger(__package__)
+
+
+class _SizedDaskBackend(SizedJoblibBackend, DaskDistributedBackend):
+    """joblib's Dask backend on the backend's client, with ``n_jobs`` counted by the
+    backend (joblib's own ignores ``n_jobs`` and counts every thread of the cluster)."""
 
 
 def _local_layout(config: DaskConfig) -> Tuple[int, int]:
@@ -301,6 +308,11 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
     def _task_runner(self, max_workers: int) -> TaskRunner:
         # executor() has just counted slots, which waited for the whole cluster.
         return _DaskRunner(self)
+
+    def _joblib_backend(self) -> Any:
+        # joblib's Dask backend submits each batch of a joblib.Parallel call through
+        # this backend's client, with the config's task options.
+        return _SizedDaskBackend(sized_by=self, client=self.client, **_merge_options(self.config.task, {}))
 
     # -- object store -------------------------------------------------------------
 

@@ -17,7 +17,8 @@ cluster before it counts worker threads.
 A cluster the backend starts is a :class:`_OwnedLocalCluster` whose workers are run by
 :class:`_RecordingNanny` nannies (:func:`start_local_cluster`): the cluster keeps its
 nannies when workers die, and each nanny notes how its worker process ended, which the
-runner reads (:func:`_how_it_died`) to say why a task's worker died.
+runner reads (:func:`_how_it_died`) to say why a task's worker died. Its workers are
+:class:`_ParentWorker` workers, which may start processes of their own.
 
 The functions run on the scheduler (:func:`_cancel_on_scheduler`,
 :func:`_joined_worker_pids`) are pickled by reference, so they stay module-level
@@ -28,6 +29,8 @@ import them.
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import multiprocessing.util
 import os
 import signal
 import threading
@@ -36,6 +39,7 @@ from typing import Any, Dict, List, Mapping, Optional, Set
 
 from distributed import LocalCluster as _LocalCluster
 from distributed import Nanny as _Nanny
+from distributed import Worker as _Worker
 from distributed.deploy.cluster import Cluster as _Cluster
 
 from ...errors import describe_exit
@@ -77,11 +81,61 @@ _worker_exits: Dict[int, int] = {}
 _WORKER_EXITS_KEPT = 256
 
 
+class _ParentWorker(_Worker):
+    """A worker whose process may start processes of its own.
+
+    Tasks use joblib, scikit-learn's ``n_jobs``, or a backend of their own, all of which
+    start processes. A nanny starts its worker as a daemonic process, and a daemonic
+    process may not have children ("daemonic processes are not allowed to have
+    children"; joblib falls back to one job and warns). Dask reads
+    ``distributed.worker.daemon`` each time a nanny (re)starts its worker, from the
+    process-wide config: setting it around the cluster's start would miss the workers a
+    nanny restarts after a crash or a ``RUNNING`` kill, and setting it for good would
+    change every cluster of the process. So the worker clears the flag of its own
+    process instead. Nothing else changes: its nanny still ends it with the cluster, and
+    it still exits when the process that started the cluster dies (Dask's worker
+    process watches a pipe from its parent).
+
+    A process that the tasks left running would hold up the worker's exit, though:
+    multiprocessing joins a process's non-daemonic children before it ends, and
+    joblib's reusable loky pool, for one, stays idle for 5 minutes; the nanny then kills
+    the worker after 4 s and the pool lives on, orphaned. So the worker ends such
+    children itself as it exits (:func:`_end_children`).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        # In the worker process, which was not started by itself: the flag can be set.
+        process = multiprocessing.current_process()
+        if process.daemon:
+            process.daemon = False
+            # Run by multiprocessing as the process ends, before it joins the children.
+            multiprocessing.util.Finalize(None, _end_children, exitpriority=100)
+        super().__init__(*args, **kwargs)
+
+
+def _end_children(grace: float = 5.0) -> None:
+    """End this process's non-daemonic children (SIGTERM, then SIGKILL after ``grace``)."""
+    children = [child for child in multiprocessing.active_children() if not child.daemon]
+    for child in children:
+        child.terminate()
+    end = time.monotonic() + grace
+    for child in children:
+        child.join(max(0.0, end - time.monotonic()))
+        if child.is_alive():
+            child.kill()
+            child.join(1.0)
+
+
 class _RecordingNanny(_Nanny):
     """A nanny that notes how its worker process ended (``_worker_exits``), so that a
-    task whose worker died can be told why (an exit code, a signal)."""
+    task whose worker died can be told why (an exit code, a signal), and whose worker
+    may start processes (:class:`_ParentWorker`)."""
 
     _recorded_pid: Optional[int] = None
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("worker_class", _ParentWorker)
+        super().__init__(*args, **kwargs)
 
     async def instantiate(self) -> Any:
         status = await super().instantiate()
@@ -431,7 +485,9 @@ def close_local_cluster(cluster: Any, timeout: float) -> None:
 
 
 def _kill_worker(address: str, pid: Optional[int], quiet: bool = False) -> bool:
-    """Kill the worker process ``pid``, if it is one that this process started."""
+    """Kill the worker process ``pid``, if it is one that this process started, and the
+    processes its tasks started (loky's, a nested cluster's: see :class:`_ParentWorker`),
+    which would otherwise run on, orphaned, until their own work ends."""
     import psutil  # a dependency of distributed
 
     if not pid or pid == os.getpid():
@@ -446,9 +502,15 @@ def _kill_worker(address: str, pid: Optional[int], quiet: bool = False) -> bool:
         return False
     try:
         process = psutil.Process(pid)
+        descendants = process.children(recursive=True)
         os.kill(pid, signal.SIGKILL)
     except (ProcessLookupError, psutil.NoSuchProcess):
         return False
+    for child in descendants:  # psutil checks that each PID is still that process
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
     # Wait until it is dead, without reaping it: the nanny's own watcher must see its
     # exit code (``Process.wait`` would reap our child and leave the nanny guessing).
     end = time.monotonic() + 10
