@@ -147,6 +147,10 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
             self._start_local()
         else:
             self._connect(self.config.address)
+        self._quiet_task_failures()
+
+    def _quiet_task_failures(self) -> None:
+        """Workers, also those that join later, stop logging our tasks' exceptions."""
         try:
             self.client.register_plugin(QuietTaskFailures(), name=QuietTaskFailures.name)
         except Exception as exc:  # workers that cannot import parallel_hydra: only noisier logs

@@ -29,6 +29,8 @@ from ...config import DaskTaskOptions
 from ...errors import WorkerCrashedError
 from ...executor import DoneCallback, TaskRunner
 from ...start_log import LoggedCall, StartLog
+from distributed.diagnostics.plugin import WorkerPlugin
+
 from . import distributed
 from .workers import _how_it_died
 
@@ -119,7 +121,7 @@ class _UnpicklableResult:
         return _UnpicklableResult, (self.message, self.cause)
 
 
-class QuietTaskFailures(distributed.WorkerPlugin):  # type: ignore[misc]
+class QuietTaskFailures(WorkerPlugin):  # type: ignore[misc]
     """A Dask worker plugin: no "Compute Failed" ERROR block for our tasks' exceptions.
 
     A Dask worker logs every task that raises, with its traceback, before the exception
