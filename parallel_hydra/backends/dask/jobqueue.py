@@ -290,12 +290,13 @@ def start_batch_cluster(config: DaskConfig) -> Tuple[BatchCluster, Any]:
     scheduler_options.setdefault("dashboard_address", (f"{host or ''}:0") if config.dashboard else "127.0.0.1:0")
     scheduler_options.setdefault("dashboard", config.dashboard)
     kwargs["scheduler_options"] = scheduler_options
-    if dask.config.get("distributed.worker.daemon", True) is False:
-        # The launcher asks for workers that may start processes (see launcher._engine_settings);
-        # the jobs' workers read their Dask config from their environment.
-        kwargs["job_script_prologue"] = list(kwargs.get("job_script_prologue") or []) + [
-            "export DASK_DISTRIBUTED__WORKER__DAEMON=False"
-        ]
+    # The workers may start processes (joblib, scikit-learn's n_jobs, a backend of the
+    # task's own, a launcher's job), as those of a local cluster the backend starts may
+    # (workers._ParentWorker). The jobs' workers read their Dask config from their
+    # environment; SLURM and the other schedulers end what they started with the job.
+    kwargs["job_script_prologue"] = list(kwargs.get("job_script_prologue") or []) + [
+        "export DASK_DISTRIBUTED__WORKER__DAEMON=False"
+    ]
     # The worker replaces the job's shell (exec): cancelling the job then signals the
     # worker itself, which cannot outlive a shell that died first (SLURM's linuxproc
     # tracking, for one, loses processes whose parent is gone).
