@@ -91,8 +91,8 @@ class InTask:
             limit_threads(self.threads)
         if self.log_level is None or os.getpid() == self.origin_pid:
             return self.fn(*args, **kwargs)
-        capture = _Capture(self.log_level)
-        capture.start()
+        capture = _capture or _the_capture()
+        capture.start(self.log_level)
         try:
             value = self.fn(*args, **kwargs)
         except BaseException as exc:
@@ -190,29 +190,63 @@ def _machine_cpus() -> int:
 
 
 class _Capture(logging.Handler):
-    """Keeps the records that the calling thread logs at ``level`` or above.
+    """Keeps, for each thread running a task, the records it logs at the task's level.
 
-    It sits on the root logger while the task runs. Being a handler there also keeps
-    Python's last-resort handler from printing the same records on the worker's stderr.
+    One per worker process, on the root logger while any task of the process runs. Being
+    a handler there also keeps Python's last-resort handler from printing the same
+    records on the worker's stderr. Made once: a handler per task would cost more than
+    a trivial task (a lock, and a place in logging's list of handlers).
     """
 
-    def __init__(self, level: int) -> None:
-        super().__init__(level)
-        self.thread = threading.get_ident()
-        self.records: List[logging.LogRecord] = []
+    def __init__(self) -> None:
+        super().__init__(logging.NOTSET)
+        self._tasks = threading.local()
+        self._users = 0
+        self._users_lock = threading.Lock()
+        self._root_saved: Optional[int] = None
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.thread == self.thread:
-            self.records.append(_portable(record))
+        records = getattr(self._tasks, "records", None)
+        if records is not None and record.levelno >= self._tasks.level:
+            records.append(_portable(record))
 
-    def start(self) -> None:
-        _lower_root_level(self.level)
-        logging.getLogger().addHandler(self)
+    def start(self, level: int) -> None:
+        """Capture what this thread logs at ``level`` or above, until :meth:`stop`."""
+        self._tasks.records, self._tasks.level = [], level
+        root = logging.getLogger()
+        with self._users_lock:
+            self._users += 1
+            if self._users == 1:
+                root.addHandler(self)
+            if root.level > level:  # (NOTSET, 0, on the root lets everything through already)
+                if self._root_saved is None:
+                    self._root_saved = root.level
+                root.setLevel(level)
 
     def stop(self) -> List[logging.LogRecord]:
-        logging.getLogger().removeHandler(self)
-        _restore_root_level()
-        return self.records
+        """What this thread logged since :meth:`start`."""
+        records, self._tasks.records = self._tasks.records, None
+        with self._users_lock:
+            self._users -= 1
+            if self._users == 0:
+                logging.getLogger().removeHandler(self)
+                if self._root_saved is not None:
+                    logging.getLogger().setLevel(self._root_saved)
+                    self._root_saved = None
+        return records
+
+
+_capture: Optional[_Capture] = None
+_capture_lock = threading.Lock()
+
+
+def _the_capture() -> _Capture:
+    global _capture
+    if _capture is None:
+        with _capture_lock:
+            if _capture is None:
+                _capture = _Capture()
+    return _capture
 
 
 def _portable(record: logging.LogRecord) -> logging.LogRecord:
@@ -225,30 +259,3 @@ def _portable(record: logging.LogRecord) -> logging.LogRecord:
             copy.exc_text = logging.Formatter().formatException(record.exc_info)
         copy.exc_info = None
     return copy
-
-
-# The root logger's own level while tasks capture below it: lowered while any task of
-# this process captures, put back when the last one ends.
-_root_lock = threading.Lock()
-_root_users = 0
-_root_saved: Optional[int] = None
-
-
-def _lower_root_level(level: int) -> None:
-    global _root_users, _root_saved
-    root = logging.getLogger()
-    with _root_lock:
-        _root_users += 1
-        if root.level > level:  # (NOTSET, 0, on the root lets everything through already)
-            if _root_saved is None:
-                _root_saved = root.level
-            root.setLevel(level)
-
-
-def _restore_root_level() -> None:
-    global _root_users, _root_saved
-    with _root_lock:
-        _root_users -= 1
-        if _root_users == 0 and _root_saved is not None:
-            logging.getLogger().setLevel(_root_saved)
-            _root_saved = None
