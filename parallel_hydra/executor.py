@@ -256,10 +256,17 @@ def _shut_down_open_executors() -> None:
             logger.exception("could not shut down an executor at exit")
 
 
-def _register_exit_hook() -> None:
+def _register_exit_hook(again: bool = False) -> None:
+    """Have open executors shut down at exit, before the engines stop.
+
+    threading runs its exit hooks last registered, first run. An engine that registers
+    its own hook after ours (loky does when its first pool starts) calls this with
+    ``again=True`` once it has, so that ours runs first and tasks still queued here can
+    still go to the engine; the second run of the hook finds nothing left to do.
+    """
     global _exit_hook_registered
     with _exit_hook_lock:
-        if _exit_hook_registered:
+        if _exit_hook_registered and not again:
             return
         _exit_hook_registered = True
     # threading's hooks run before atexit's, so before Ray and Dask stop their own
@@ -319,7 +326,13 @@ class ParallelExecutor(Executor):
         self._max_workers = max_workers
         self._policy = as_policy(cancel_futures)
         self._wait_timeout = wait_timeout
-        if runner.keeps_own_queue(max_workers):
+        if runner.keeps_own_queue(max_workers) or (
+            runner.enforces_bound(max_workers) and CancellationPolicy.PENDING not in self._policy
+        ):
+            # Nothing to hold back: the engine queues what it cannot run yet, and
+            # either can take it back (its own queue) or the policy never cancels
+            # pending tasks. shutdown(cancel_futures=PENDING) then cancels only what
+            # the engine gives back; see _apply.
             self._limit: float = math.inf
         else:
             self._limit = max_workers * (2 if runner.enforces_bound(max_workers) else 1)

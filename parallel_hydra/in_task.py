@@ -86,7 +86,7 @@ class InTask:
         run.__module__ = getattr(self.fn, "__module__", None) or __name__
         return run
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
         if self.threads is not None:
             limit_threads(self.threads)
         if self.log_level is None or os.getpid() == self.origin_pid:
