@@ -229,16 +229,40 @@ class _Task:
         self.future._executor = self.future._task = None
 
 
-def _run_chunk(fn: Callable[..., Any], chunk: List[Tuple[Any, ...]]) -> List[Outcome]:
-    """Run ``fn`` over a chunk of argument tuples, stopping at the first exception."""
-    outcomes: List[Outcome] = []
-    for args in chunk:
-        try:
-            outcomes.append((True, fn(*args)))
-        except Exception as exc:  # reported at its own item by map()
-            outcomes.append((False, exc))
-            break
-    return outcomes
+class _Chunk:
+    """Items of one ``map`` task, sent as one opaque object.
+
+    An engine that looks into a task's arguments for handles of its own (Dask walks
+    every list and tuple) would otherwise walk each item of a large chunk. ``star``
+    says whether each item is a tuple of arguments (``map`` over several iterables) or
+    the one argument itself (one iterable: no tuple per item).
+    """
+
+    __slots__ = ("items", "star")
+
+    def __init__(self, items: List[Any], star: bool) -> None:
+        self.items = items
+        self.star = star
+
+    def __reduce__(self) -> Tuple[Any, Tuple[Any, ...]]:
+        return _Chunk, (self.items, self.star)
+
+
+def _run_chunk(fn: Callable[..., Any], chunk: _Chunk) -> Tuple[List[Any], Optional[BaseException]]:
+    """Run ``fn`` over a chunk, stopping at the first exception: the results before it,
+    and the exception (``None`` if there was none), which ``map`` raises at its item."""
+    results: List[Any] = []
+    append = results.append
+    try:
+        if chunk.star:
+            for args in chunk.items:
+                append(fn(*args))
+        else:
+            for item in chunk.items:
+                append(fn(item))
+    except Exception as exc:  # reported at its own item by map()
+        return results, exc
+    return results, None
 
 
 #: Executors not yet shut down. At interpreter exit each is shut down with its own
@@ -423,7 +447,9 @@ class ParallelExecutor(Executor):
         """
         require_integer("chunksize", chunksize, minimum=1, none="None")
         end = None if timeout is None else time.monotonic() + timeout
-        items = list(zip(*iterables))
+        # One iterable (the usual case): the items themselves, not a 1-tuple each.
+        star = len(iterables) != 1
+        items: List[Any] = list(zip(*iterables)) if star else list(iterables[0])
         bar = ProgressBar(len(items), getattr(fn, "__name__", None)) if (
             self._progress if progress is None else progress
         ) else None
@@ -431,13 +457,14 @@ class ParallelExecutor(Executor):
             chunksize = max(1, math.ceil(len(items) / (4 * self._max_workers)))
         try:
             if chunksize == 1:
-                futures = [self.submit(fn, *args) for args in items]
+                futures = [self.submit(fn, *args) for args in items] if star else [self.submit(fn, item) for item in items]
                 sizes: Iterable[int] = [1] * len(futures)
             else:
-                chunks = [items[i : i + chunksize] for i in range(0, len(items), chunksize)]
-                sizes = [len(chunk) for chunk in chunks]
+                chunks = [_Chunk(items[i : i + chunksize], star) for i in range(0, len(items), chunksize)]
+                sizes = [len(chunk.items) for chunk in chunks]
                 del items
                 futures = [self.submit(_run_chunk, fn, chunk) for chunk in chunks]
+                del chunks  # each chunk is let go with its task
         except BaseException:
             if bar is not None:
                 bar.close()
@@ -468,12 +495,12 @@ class ParallelExecutor(Executor):
                 if not chunked:
                     yield futures.pop().result()
                     continue
-                outcomes = futures.pop().result()
-                outcomes.reverse()
-                while outcomes:
-                    if not outcomes[-1][0]:
-                        raise outcomes[-1][1]
-                    yield outcomes.pop()[1]
+                results, error = futures.pop().result()
+                results.reverse()
+                while results:
+                    yield results.pop()
+                if error is not None:
+                    raise error
         finally:
             self._cancel_many(futures)
             if bar is not None:
