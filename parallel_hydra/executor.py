@@ -17,9 +17,17 @@ the process pool of ``concurrent.futures``. Otherwise ``limit`` is ``max_workers
 our count is the bound. Completions arrive by callback from the engine; each one hands
 the next queued task over. Nothing polls.
 
-An engine that keeps a queue of its own and gives its workers only a few tasks (loky)
-is handed every task at once instead, with no limit; the ``PENDING`` policy then takes
-back from its queue what no worker has been given (``TaskRunner.withdraw``).
+The queue is kept here only so that ``PENDING`` can cancel exactly what no worker has.
+Where there is nothing to keep it for, every task goes to the engine at once (no
+limit), as users of the raw engines do:
+
+- an engine that keeps a queue of its own and gives its workers only a few tasks
+  (Dask's scheduler) can take back from it what no worker has been given
+  (``TaskRunner.withdraw``), under any policy;
+- an engine that bounds concurrency itself, under a policy with no ``PENDING`` part
+  (``NONE``, ``RUNNING``): ``future.cancel()`` takes back what the engine still can,
+  and so does ``shutdown(cancel_futures=PENDING)`` given later; a task the engine has
+  given a worker, or cannot take back, runs to its end.
 
 A task in flight counts as running: its future says ``running()``, and the ``PENDING``
 policy lets it finish (unless the engine can take it back unstarted). ``RUNNING`` asks

@@ -21,6 +21,7 @@ first set.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -91,7 +92,7 @@ class InTask:
             limit_threads(self.threads)
         if self.log_level is None or os.getpid() == self.origin_pid:
             return self.fn(*args, **kwargs)
-        capture = _Capture(self.log_level)
+        capture = _Capture.for_this_thread(self.log_level)
         capture.start()
         try:
             value = self.fn(*args, **kwargs)
@@ -182,7 +183,9 @@ def thread_environment(threads: int) -> Dict[str, str]:
     return {name: str(threads) for name in THREAD_VARIABLES if name not in os.environ}
 
 
+@functools.lru_cache(maxsize=None)
 def _machine_cpus() -> int:
+    """This process's CPUs, counted once (a system call that every task would repeat)."""
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not on Linux
@@ -200,19 +203,38 @@ class _Capture(logging.Handler):
         super().__init__(level)
         self.thread = threading.get_ident()
         self.records: List[logging.LogRecord] = []
+        self.active = False
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.thread == self.thread:
             self.records.append(_portable(record))
 
+    _local = threading.local()
+
+    @classmethod
+    def for_this_thread(cls, level: int) -> "_Capture":
+        """This thread's capture at ``level``, made once and reused by its next tasks:
+        making a handler (a lock, a weak reference that logging registers) costs more
+        than the rest of a trivial task's capture."""
+        capture: Optional[_Capture] = getattr(cls._local, "capture", None)
+        if capture is not None and capture.active:  # a task run inside a task: its own
+            return cls(level)
+        if capture is None or capture.level != level:
+            capture = cls._local.capture = cls(level)
+        return capture
+
     def start(self) -> None:
+        self.records = []
+        self.active = True
         _lower_root_level(self.level)
         logging.getLogger().addHandler(self)
 
     def stop(self) -> List[logging.LogRecord]:
         logging.getLogger().removeHandler(self)
         _restore_root_level()
-        return self.records
+        self.active = False
+        records, self.records = self.records, []
+        return records
 
 
 def _portable(record: logging.LogRecord) -> logging.LogRecord:

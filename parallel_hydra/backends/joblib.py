@@ -38,7 +38,7 @@ import threading
 import time
 import uuid
 import weakref
-from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import FIRST_COMPLETED, CancelledError, Future
 from concurrent.futures import wait as futures_wait
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.connection import wait as mp_wait
@@ -262,19 +262,20 @@ class _LokyPool:
             # Submitted under the lock, so that stop() and a crash see the future.
             future = pool.submit(call)
             task.future = future
-            global _exit_hook_after_loky
-            if not _exit_hook_after_loky:
-                # loky's exit hook exists now (its first pool started): ours must run
-                # before it, or executors' queued tasks could not reach loky at exit.
-                _exit_hook_after_loky = True
-                _register_exit_hook(again=True)
+        global _exit_hook_after_loky
+        if not _exit_hook_after_loky:
+            # loky's exit hook exists now (its first pool started): ours must run
+            # before it, or executors' queued tasks could not reach loky at exit.
+            _exit_hook_after_loky = True
+            _register_exit_hook(again=True)
         future.add_done_callback(functools.partial(self._reported, task, pool))
 
     def _reported(self, task: _LokyTask, pool: ProcessPoolExecutor, future: Future) -> None:
         """loky's report on one task; a broken pool is handled once for all its tasks."""
-        if future.cancelled():
+        try:
+            error = future.exception(0)
+        except CancelledError:
             return
-        error = future.exception()
         if isinstance(error, BrokenProcessPool):
             self._pool_broke(pool, error)
             return
@@ -327,7 +328,7 @@ class _LokyPool:
 
     def _recover(self, affected: List[_LokyTask], blamed: Dict[int, Tuple[int, Optional[int]]], error: BaseException) -> None:
         for task in affected:
-            if task.stopped or task.withdrawn:
+            if task.stopped or task.withdrawn or task.call is None:  # (None: reported meanwhile)
                 continue
             number = task.call.number
             if number in blamed or task.reruns >= _MAX_RERUNS:
