@@ -279,10 +279,13 @@ class _LokyPool:
         if isinstance(error, BrokenProcessPool):
             self._pool_broke(pool, error)
             return
-        with self._lock:
-            # Stale: a report from a pool the task has left (it was run again elsewhere).
-            if task.future is not future or task.stopped or self._live.pop(task.call.number, None) is None:
-                return
+        # Stale: a report from a pool the task has left (it was run again elsewhere).
+        # No lock: the thread that submits holds it while loky writes to a pipe, and
+        # waiting for it here would stall loky's thread, which feeds the workers. The
+        # pop is atomic: against stop(), withdraw() and a crash (which take the task
+        # out of _live under the lock), exactly one side gets the task.
+        if task.future is not future or task.stopped or self._live.pop(task.call.number, None) is None:
+            return
         on_done, name = task.on_done, getattr(task.call.fn, "__name__", "")
         # Let go of the callable, its arguments and the result once they are reported.
         task.call = task.future = task.on_done = None  # type: ignore[assignment]
@@ -304,9 +307,10 @@ class _LokyPool:
             self._broken_pools.add(pool)
             if self._pool is pool:
                 self._pool = None
-            affected = [t for t in self._live.values() if t.pool is pool]
+            # A snapshot: another pool's thread may report (pop) meanwhile.
+            affected = [t for t in list(self._live.values()) if t.pool is pool]
             for t in affected:
-                del self._live[t.call.number]
+                self._live.pop(t.call.number, None)
         processes = dict(getattr(pool, "_processes", {}) or {})
         dead = {pid: p.exitcode for pid, p in processes.items() if p.exitcode is not None}
         blamed: Dict[int, Tuple[int, Optional[int]]] = {}  # task number -> (pid, exit code)
