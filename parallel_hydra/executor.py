@@ -17,9 +17,17 @@ the process pool of ``concurrent.futures``. Otherwise ``limit`` is ``max_workers
 our count is the bound. Completions arrive by callback from the engine; each one hands
 the next queued task over. Nothing polls.
 
-An engine that keeps a queue of its own and gives its workers only a few tasks (loky)
-is handed every task at once instead, with no limit; the ``PENDING`` policy then takes
-back from its queue what no worker has been given (``TaskRunner.withdraw``).
+The queue is kept here only so that ``PENDING`` can cancel exactly what no worker has.
+Where there is nothing to keep it for, every task goes to the engine at once (no
+limit), as users of the raw engines do:
+
+- an engine that keeps a queue of its own and gives its workers only a few tasks
+  (Dask's scheduler) can take back from it what no worker has been given
+  (``TaskRunner.withdraw``), under any policy;
+- an engine that bounds concurrency itself, under a policy with no ``PENDING`` part
+  (``NONE``, ``RUNNING``): ``future.cancel()`` takes back what the engine still can,
+  and so does ``shutdown(cancel_futures=PENDING)`` given later; a task the engine has
+  given a worker, or cannot take back, runs to its end.
 
 A task in flight counts as running: its future says ``running()``, and the ``PENDING``
 policy lets it finish (unless the engine can take it back unstarted). ``RUNNING`` asks
@@ -229,16 +237,40 @@ class _Task:
         self.future._executor = self.future._task = None
 
 
-def _run_chunk(fn: Callable[..., Any], chunk: List[Tuple[Any, ...]]) -> List[Outcome]:
-    """Run ``fn`` over a chunk of argument tuples, stopping at the first exception."""
-    outcomes: List[Outcome] = []
-    for args in chunk:
-        try:
-            outcomes.append((True, fn(*args)))
-        except Exception as exc:  # reported at its own item by map()
-            outcomes.append((False, exc))
-            break
-    return outcomes
+class _Chunk:
+    """Items of one ``map`` task, sent as one opaque object.
+
+    An engine that looks into a task's arguments for handles of its own (Dask walks
+    every list and tuple) would otherwise walk each item of a large chunk. ``star``
+    says whether each item is a tuple of arguments (``map`` over several iterables) or
+    the one argument itself (one iterable: no tuple per item).
+    """
+
+    __slots__ = ("items", "star")
+
+    def __init__(self, items: List[Any], star: bool) -> None:
+        self.items = items
+        self.star = star
+
+    def __reduce__(self) -> Tuple[Any, Tuple[Any, ...]]:
+        return _Chunk, (self.items, self.star)
+
+
+def _run_chunk(fn: Callable[..., Any], chunk: _Chunk) -> Tuple[List[Any], Optional[BaseException]]:
+    """Run ``fn`` over a chunk, stopping at the first exception: the results before it,
+    and the exception (``None`` if there was none), which ``map`` raises at its item."""
+    results: List[Any] = []
+    append = results.append
+    try:
+        if chunk.star:
+            for args in chunk.items:
+                append(fn(*args))
+        else:
+            for item in chunk.items:
+                append(fn(item))
+    except Exception as exc:  # reported at its own item by map()
+        return results, exc
+    return results, None
 
 
 #: Executors not yet shut down. At interpreter exit each is shut down with its own
@@ -256,10 +288,17 @@ def _shut_down_open_executors() -> None:
             logger.exception("could not shut down an executor at exit")
 
 
-def _register_exit_hook() -> None:
+def _register_exit_hook(again: bool = False) -> None:
+    """Have open executors shut down at exit, before the engines stop.
+
+    threading runs its exit hooks last registered, first run. An engine that registers
+    its own hook after ours (loky does when its first pool starts) calls this with
+    ``again=True`` once it has, so that ours runs first and tasks still queued here can
+    still go to the engine; the second run of the hook finds nothing left to do.
+    """
     global _exit_hook_registered
     with _exit_hook_lock:
-        if _exit_hook_registered:
+        if _exit_hook_registered and not again:
             return
         _exit_hook_registered = True
     # threading's hooks run before atexit's, so before Ray and Dask stop their own
@@ -319,7 +358,13 @@ class ParallelExecutor(Executor):
         self._max_workers = max_workers
         self._policy = as_policy(cancel_futures)
         self._wait_timeout = wait_timeout
-        if runner.keeps_own_queue(max_workers):
+        if runner.keeps_own_queue(max_workers) or (
+            runner.enforces_bound(max_workers) and CancellationPolicy.PENDING not in self._policy
+        ):
+            # Nothing to hold back: the engine queues what it cannot run yet, and
+            # either can take it back (its own queue) or the policy never cancels
+            # pending tasks. shutdown(cancel_futures=PENDING) then cancels only what
+            # the engine gives back; see _apply.
             self._limit: float = math.inf
         else:
             self._limit = max_workers * (2 if runner.enforces_bound(max_workers) else 1)
@@ -410,7 +455,9 @@ class ParallelExecutor(Executor):
         """
         require_integer("chunksize", chunksize, minimum=1, none="None")
         end = None if timeout is None else time.monotonic() + timeout
-        items = list(zip(*iterables))
+        # One iterable (the usual case): the items themselves, not a 1-tuple each.
+        star = len(iterables) != 1
+        items: List[Any] = list(zip(*iterables)) if star else list(iterables[0])
         bar = ProgressBar(len(items), getattr(fn, "__name__", None)) if (
             self._progress if progress is None else progress
         ) else None
@@ -418,13 +465,14 @@ class ParallelExecutor(Executor):
             chunksize = max(1, math.ceil(len(items) / (4 * self._max_workers)))
         try:
             if chunksize == 1:
-                futures = [self.submit(fn, *args) for args in items]
+                futures = [self.submit(fn, *args) for args in items] if star else [self.submit(fn, item) for item in items]
                 sizes: Iterable[int] = [1] * len(futures)
             else:
-                chunks = [items[i : i + chunksize] for i in range(0, len(items), chunksize)]
-                sizes = [len(chunk) for chunk in chunks]
+                chunks = [_Chunk(items[i : i + chunksize], star) for i in range(0, len(items), chunksize)]
+                sizes = [len(chunk.items) for chunk in chunks]
                 del items
                 futures = [self.submit(_run_chunk, fn, chunk) for chunk in chunks]
+                del chunks  # each chunk is let go with its task
         except BaseException:
             if bar is not None:
                 bar.close()
@@ -455,12 +503,12 @@ class ParallelExecutor(Executor):
                 if not chunked:
                     yield futures.pop().result()
                     continue
-                outcomes = futures.pop().result()
-                outcomes.reverse()
-                while outcomes:
-                    if not outcomes[-1][0]:
-                        raise outcomes[-1][1]
-                    yield outcomes.pop()[1]
+                results, error = futures.pop().result()
+                results.reverse()
+                while results:
+                    yield results.pop()
+                if error is not None:
+                    raise error
         finally:
             self._cancel_many(futures)
             if bar is not None:

@@ -21,6 +21,7 @@ first set.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sys
@@ -92,18 +93,18 @@ class InTask:
         if self.log_level is None or os.getpid() == self.origin_pid:
             return self.fn(*args, **kwargs)
         capture = _capture or _the_capture()
-        capture.start(self.log_level)
+        outer = capture.start(self.log_level)
         try:
             value = self.fn(*args, **kwargs)
         except BaseException as exc:
-            records = capture.stop()
+            records = capture.stop(outer)
             if records:
                 try:
                     setattr(exc, _LOGS_ATTRIBUTE, records)
                 except Exception:  # an exception that refuses attributes: its logs are lost
                     pass
             raise
-        records = capture.stop()
+        records = capture.stop(outer)
         return WithLogs(value, records) if records else value
 
 
@@ -182,7 +183,9 @@ def thread_environment(threads: int) -> Dict[str, str]:
     return {name: str(threads) for name in THREAD_VARIABLES if name not in os.environ}
 
 
+@functools.lru_cache(maxsize=None)
 def _machine_cpus() -> int:
+    """This process's CPUs, counted once (a system call that every task would repeat)."""
     try:
         return len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not on Linux
@@ -210,8 +213,10 @@ class _Capture(logging.Handler):
         if records is not None and record.levelno >= self._tasks.level:
             records.append(_portable(record))
 
-    def start(self, level: int) -> None:
-        """Capture what this thread logs at ``level`` or above, until :meth:`stop`."""
+    def start(self, level: int) -> Tuple[Optional[List[logging.LogRecord]], int]:
+        """Capture what this thread logs at ``level`` or above, until :meth:`stop`; the
+        capture of an enclosing task of this thread, which ``stop`` puts back."""
+        outer = (getattr(self._tasks, "records", None), getattr(self._tasks, "level", level))
         self._tasks.records, self._tasks.level = [], level
         root = logging.getLogger()
         with self._users_lock:
@@ -223,9 +228,10 @@ class _Capture(logging.Handler):
                     self._root_saved = root.level
                 root.setLevel(level)
 
-    def stop(self) -> List[logging.LogRecord]:
+    def stop(self, outer: Tuple[Optional[List[logging.LogRecord]], int]) -> List[logging.LogRecord]:
         """What this thread logged since :meth:`start`."""
-        records, self._tasks.records = self._tasks.records, None
+        records = self._tasks.records
+        self._tasks.records, self._tasks.level = outer
         with self._users_lock:
             self._users -= 1
             if self._users == 0:

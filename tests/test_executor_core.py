@@ -112,6 +112,23 @@ def test_an_engine_that_bounds_itself_gets_max_workers_ahead() -> None:
     executor.shutdown(wait=False, cancel_futures=CancellationPolicy.ALL)
 
 
+@pytest.mark.parametrize("policy", [CancellationPolicy.NONE, CancellationPolicy.RUNNING])
+def test_an_engine_that_bounds_itself_gets_everything_when_the_policy_cancels_no_pending_task(policy) -> None:
+    engine = FakeEngine(bounds=True)
+    executor = ParallelExecutor(engine, max_workers=2, cancel_futures=policy)
+    futures = [executor.submit(add, i) for i in range(6)]
+    assert len(engine.started) == 6  # nothing is held back: the engine queues them
+    engine.unstarted = engine.started[4:]  # what the engine can still give back
+    assert futures[5].cancel() and futures[5].cancelled()
+    # PENDING given at shutdown cancels what the engine gives back; the rest run.
+    executor.shutdown(wait=False, cancel_futures=CancellationPolicy.PENDING)
+    assert futures[4].cancelled()
+    assert [f.running() for f in futures[:4]] == [True] * 4
+    for started in engine.started[:4]:
+        started.finish()
+    assert [f.result(timeout=5) for f in futures[:4]] == list(range(4))
+
+
 def test_a_report_from_an_earlier_hand_over_is_ignored() -> None:
     engine = FakeEngine(bounds=True)
     executor = ParallelExecutor(engine, max_workers=1)

@@ -95,7 +95,7 @@ def test_the_example_commands_run_from_the_repository(dask_cluster_address: str)
         assert "bootstrap_r2_95%_ci=" in run.stdout
 
 
-@pytest.mark.parametrize("script, small", [("benchmarks/bench.py", "--tasks 50 --rounds 1"),
+@pytest.mark.parametrize("script, small", [("benchmarks/bench.py", "--tasks 50 --rounds 1 --map-items 2000"),
                                            ("benchmarks/launcher_bench.py", "--jobs 2 --seconds 0 --launchers basic,parallel_joblib"),
                                            ("tests/soak_dask_kills.py", "--rounds 2")])
 def test_the_scripts_run_by_hand_run(script: str, small: str) -> None:

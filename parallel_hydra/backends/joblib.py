@@ -1,17 +1,23 @@
 """The joblib backend: loky worker processes on this machine, the local default.
 
-Each executor gets a loky process pool of exactly ``max_workers`` processes, so loky
-itself enforces the concurrency bound. loky queues submitted work itself and gives its
-workers at most ``max_workers`` tasks ahead of the running ones (we size its call
-queue), so the shared executor hands it everything at once and, under the ``PENDING``
-policy, cancels in loky's queue what no worker has yet. The pool is shut down with the
-executor: no worker outlives it.
+The backend keeps one loky process pool, sized to its CPUs, that all its executors
+share: a new executor finds the workers started and warm (their imports done), as
+loky's reusable executor does for ``joblib.Parallel``. loky queues submitted work
+itself and moves up to ``2 * size + 1`` tasks to its workers ahead of the running ones.
+An executor whose ``max_workers`` is the pool's size is bounded by the pool: under a
+policy that never cancels pending tasks (``NONE``, ``RUNNING``) it hands loky every task
+at once, as a user of loky's executor does; under ``PENDING`` it hands over
+``2 * max_workers`` at a time, so that no more than ``max_workers`` wait at a worker.
+An executor with fewer ``max_workers`` is bounded by its own count of tasks in flight.
+Tasks still in loky's queue can be taken back (``future.cancel()``, ``PENDING``).
+Workers outlive executors, not the backend: its ``shutdown`` stops them.
 
 A loky pool is all or nothing: one dead worker fails every unfinished task of the pool.
-The runner turns that into one failed task (see :class:`_LokyRunner`): each task notes
+The backend turns that into one failed task (see :class:`_LokyPool`): each task notes
 its start in the backend's start log, so after a crash the task that ran in the dead
-process fails with ``WorkerCrashedError`` and the pool's other tasks run again on a new
-pool. Stopping running tasks (``RUNNING``) kills the workers that run them, the same way.
+process fails with ``WorkerCrashedError`` and the pool's other tasks, of any executor,
+run again on a new pool. Stopping running tasks (``RUNNING``) kills the workers that run
+them, the same way; only then, or after a crash, is a new pool started.
 
 The object store keeps objects in this process. A handle is a settled or running
 ``concurrent.futures.Future`` under the hood; as an argument to ``submit`` it is replaced
@@ -32,7 +38,7 @@ import threading
 import time
 import uuid
 import weakref
-from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import FIRST_COMPLETED, CancelledError, Future
 from concurrent.futures import wait as futures_wait
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.connection import wait as mp_wait
@@ -45,7 +51,7 @@ from joblib.externals.loky.process_executor import ProcessPoolExecutor
 from ..backend import BaseParallelBackend, SizedJoblibBackend, available_cpus
 from ..config import JoblibConfig, ParallelConfig
 from ..errors import WorkerCrashedError, describe_exit
-from ..executor import DoneCallback, TaskRunner
+from ..executor import DoneCallback, TaskRunner, _register_exit_hook
 from ..in_task import thread_environment
 from ..start_log import LoggedCall, StartLog
 
@@ -171,17 +177,8 @@ def _translated(error: BaseException, name: str) -> BaseException:
     return error
 
 
-class _BoundedLokyPool(ProcessPoolExecutor):
-    """A loky pool whose workers are handed at most ``max_workers`` tasks ahead.
-
-    loky's call queue (tasks handed to workers but not started) holds
-    ``2 * max_workers + 1`` by default. Those can no longer be cancelled, and our
-    contract lets at most ``max_workers`` tasks wait ahead of the running ones.
-    """
-
-    def _setup_queues(self, job_reducers: Any, result_reducers: Any, queue_size: Optional[int] = None) -> None:
-        super()._setup_queues(job_reducers, result_reducers, queue_size=self._max_workers)
-
+#: Whether the executors' exit hook was registered again after loky's own (see _submit).
+_exit_hook_after_loky = False
 
 #: Times a task is run again because other tasks' crashes took its pool down.
 _MAX_RERUNS = 3
@@ -202,21 +199,24 @@ class _LokyTask:
         self.reruns = 0
 
 
-class _LokyRunner(TaskRunner):
-    """Runs one executor's tasks on a private loky pool of ``max_workers`` processes.
+class _LokyPool:
+    """The backend's loky pool of ``size`` processes, shared by its executors.
 
     A loky pool is all or nothing: when one worker dies, loky fails every unfinished
-    task of the pool and the pool is gone for good. This runner makes that one task's
+    task of the pool and the pool is gone for good. This class makes that one task's
     failure: the task that was running in the dead process (the start log says which)
-    fails with :class:`WorkerCrashedError`; the pool's other unfinished tasks go to a new
-    pool, as if nothing happened (a task killed half-way runs again from its start).
-    Stopping tasks (the ``RUNNING`` policy) uses the same path: their workers are
-    killed, and only the stopped tasks are not run again.
+    fails with :class:`WorkerCrashedError`; the pool's other unfinished tasks, of every
+    executor, go to a new pool, as if nothing happened (a task killed half-way runs
+    again from its start). Stopping tasks (the ``RUNNING`` policy) uses the same path:
+    their workers are killed, and only the stopped tasks are not run again. A new pool
+    is started on the next task after that, never before.
     """
 
-    def __init__(self, max_workers: int, idle_timeout: float, start_log: StartLog, env: Dict[str, str]) -> None:
-        self._max_workers = max_workers
-        self._env = env  # set in the workers before they import anything (thread caps)
+    def __init__(self, size: int, idle_timeout: float, start_log: StartLog, env: Dict[str, str]) -> None:
+        self.size = size
+        # Set in the workers before they import anything: the backend's default thread
+        # cap. Each task's own executor sets its cap again with threadpoolctl (InTask).
+        self._env = env
         self._idle_timeout = idle_timeout
         self._log = start_log
         # Guards the pool, the live tasks and the tokens' state.
@@ -226,15 +226,7 @@ class _LokyRunner(TaskRunner):
         self._broken_pools: "weakref.WeakSet[ProcessPoolExecutor]" = weakref.WeakSet()
         self._killed: Set[int] = set()  # worker PIDs stop() killed, not yet seen dead
 
-    def enforces_bound(self, max_workers: int) -> bool:
-        return True  # the pool has exactly max_workers processes
-
-    def keeps_own_queue(self, max_workers: int) -> bool:
-        # loky keeps submitted work in its own queue and moves at most max_workers
-        # items ahead of its running workers; the rest can still be cancelled.
-        return True
-
-    def start(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any], options: Mapping[str, Any], on_done: DoneCallback) -> Any:
+    def start(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any], on_done: DoneCallback) -> Any:
         task = _LokyTask(self._log.call(fn, args, kwargs), on_done)
         waiting = _unready_handles(args, kwargs)
         if waiting:  # a handle argument is resolved when the task can start, not before
@@ -264,27 +256,37 @@ class _LokyRunner(TaskRunner):
             if task.withdrawn or task.stopped:
                 return
             if self._pool is None:
-                self._pool = _BoundedLokyPool(self._max_workers, timeout=self._idle_timeout, env=self._env)
+                self._pool = ProcessPoolExecutor(self.size, timeout=self._idle_timeout, env=self._env)
             pool = self._pool
             task.pool = pool
             self._live[call.number] = task
             # Submitted under the lock, so that stop() and a crash see the future.
             future = pool.submit(call)
             task.future = future
+        global _exit_hook_after_loky
+        if not _exit_hook_after_loky:
+            # loky's exit hook exists now (its first pool started): ours must run
+            # before it, or executors' queued tasks could not reach loky at exit.
+            _exit_hook_after_loky = True
+            _register_exit_hook(again=True)
         future.add_done_callback(functools.partial(self._reported, task, pool))
 
     def _reported(self, task: _LokyTask, pool: ProcessPoolExecutor, future: Future) -> None:
         """loky's report on one task; a broken pool is handled once for all its tasks."""
-        if future.cancelled():
+        try:
+            error = future.exception(0)
+        except CancelledError:
             return
-        error = future.exception()
         if isinstance(error, BrokenProcessPool):
             self._pool_broke(pool, error)
             return
-        with self._lock:
-            # Stale: a report from a pool the task has left (it was run again elsewhere).
-            if task.future is not future or task.stopped or self._live.pop(task.call.number, None) is None:
-                return
+        # Stale: a report from a pool the task has left (it was run again elsewhere).
+        # No lock: the thread that submits holds it while loky writes to a pipe, and
+        # waiting for it here would stall loky's thread, which feeds the workers. The
+        # pop is atomic: against stop(), withdraw() and a crash (which take the task
+        # out of _live under the lock), exactly one side gets the task.
+        if task.future is not future or task.stopped or self._live.pop(task.call.number, None) is None:
+            return
         on_done, name = task.on_done, getattr(task.call.fn, "__name__", "")
         # Let go of the callable, its arguments and the result once they are reported.
         task.call = task.future = task.on_done = None  # type: ignore[assignment]
@@ -306,9 +308,10 @@ class _LokyRunner(TaskRunner):
             self._broken_pools.add(pool)
             if self._pool is pool:
                 self._pool = None
-            affected = [t for t in self._live.values() if t.pool is pool]
+            # A snapshot: another pool's thread may report (pop) meanwhile.
+            affected = [t for t in list(self._live.values()) if t.pool is pool]
             for t in affected:
-                del self._live[t.call.number]
+                self._live.pop(t.call.number, None)
         processes = dict(getattr(pool, "_processes", {}) or {})
         dead = {pid: p.exitcode for pid, p in processes.items() if p.exitcode is not None}
         blamed: Dict[int, Tuple[int, Optional[int]]] = {}  # task number -> (pid, exit code)
@@ -330,7 +333,7 @@ class _LokyRunner(TaskRunner):
 
     def _recover(self, affected: List[_LokyTask], blamed: Dict[int, Tuple[int, Optional[int]]], error: BaseException) -> None:
         for task in affected:
-            if task.stopped or task.withdrawn:
+            if task.stopped or task.withdrawn or task.call is None:  # (None: reported meanwhile)
                 continue
             number = task.call.number
             if number in blamed or task.reruns >= _MAX_RERUNS:
@@ -399,7 +402,8 @@ class _LokyRunner(TaskRunner):
         if victims:  # the work has ended when stop() returns
             mp_wait([p.sentinel for p in victims], timeout=10)
 
-    def close(self) -> None:
+    def shutdown(self) -> None:
+        """Stop the workers; called by the backend once its executors are shut down."""
         with self._lock:
             pool, self._pool = self._pool, None
         if pool is not None:
@@ -408,6 +412,38 @@ class _LokyRunner(TaskRunner):
 
 class _SizedLokyBackend(SizedJoblibBackend, LokyBackend):
     """joblib's own loky backend, with ``n_jobs`` counted by our backend (``joblib_context``)."""
+
+
+class _LokyRunner(TaskRunner):
+    """One executor's side of the backend's shared :class:`_LokyPool`.
+
+    The pool bounds an executor of its size: such an executor may hand it tasks ahead
+    (all of them where the policy never cancels pending tasks). loky moves up to
+    ``2 * size + 1`` tasks to its workers ahead of the running ones, more than the
+    ``PENDING`` policy lets wait there, so the executor keeps its own queue under that
+    policy (``keeps_own_queue`` is false) and hands over ``2 * max_workers`` at a time.
+    A smaller executor is bounded by its own count of tasks in flight. Either way a
+    task that still waits in loky's queue (behind other executors' tasks too) can be
+    taken back.
+    """
+
+    def __init__(self, pool: _LokyPool) -> None:
+        self._pool = pool
+
+    def enforces_bound(self, max_workers: int) -> bool:
+        return self._pool.size <= max_workers
+
+    def can_withdraw(self, max_workers: int) -> bool:
+        return True
+
+    def start(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any], options: Mapping[str, Any], on_done: DoneCallback) -> Any:
+        return self._pool.start(fn, args, kwargs, on_done)
+
+    def withdraw(self, tokens: List[Any]) -> List[bool]:
+        return self._pool.withdraw(tokens)
+
+    def stop(self, tokens: List[Any]) -> None:
+        self._pool.stop(tokens)
 
 
 class JoblibParallelBackend(BaseParallelBackend, name="joblib"):
@@ -428,14 +464,18 @@ class JoblibParallelBackend(BaseParallelBackend, name="joblib"):
         self._pool_lock = threading.Lock()
         self._start_log = StartLog()
         self._wrap_pool: Optional[ProcessPoolExecutor] = None
+        self._task_pool: Optional[_LokyPool] = None
         self._share_dir: Optional[str] = None
         self._shm_dir: Optional[str] = None
 
     def _stop(self) -> None:
         with self._pool_lock:
             pool, self._wrap_pool = self._wrap_pool, None
+            task_pool, self._task_pool = self._task_pool, None
         if pool is not None:
             pool.shutdown(wait=True)
+        if task_pool is not None:
+            task_pool.shutdown()
         self._start_log.close()
         for folder in (self._share_dir, self._shm_dir):
             if folder is not None:
@@ -469,8 +509,14 @@ class JoblibParallelBackend(BaseParallelBackend, name="joblib"):
         return available_cpus()
 
     def _task_runner(self, max_workers: int) -> TaskRunner:
-        env = thread_environment(self.threads_per_task(max_workers))
-        return _LokyRunner(max_workers, self.config.idle_worker_timeout, self._start_log, env)
+        with self._pool_lock:
+            if self._task_pool is None:
+                # Sized for the largest executor this backend makes; the environment's
+                # thread cap is that of an executor of that size, the narrowest one.
+                slots = self.effective_n_jobs(-1)
+                env = thread_environment(self.threads_per_task(slots, slots))
+                self._task_pool = _LokyPool(slots, self.config.idle_worker_timeout, self._start_log, env)
+            return _LokyRunner(self._task_pool)
 
     def _joblib_backend(self) -> Any:
         # joblib.Parallel runs on joblib's one reusable loky pool of this process (shared

@@ -376,6 +376,8 @@ def _submit(cache: _RemoteCache, fn: Callable[..., Any], args: Tuple[Any, ...], 
 
 def _task_name(fn: Any) -> str:
     """A readable name of a task's callable, for messages."""
+    if isinstance(fn, InTask):  # the executor's wrapper: name what it wraps (and cheaply)
+        fn = fn.fn
     inner = getattr(fn, "func", None)  # functools.partial
     if inner is not None and not hasattr(fn, "__qualname__"):
         return f"partial({_task_name(inner)})"
