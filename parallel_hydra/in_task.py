@@ -227,6 +227,7 @@ class _Capture(logging.Handler):
                 if self._root_saved is None:
                     self._root_saved = root.level
                 root.setLevel(level)
+        return outer
 
     def stop(self, outer: Tuple[Optional[List[logging.LogRecord]], int]) -> List[logging.LogRecord]:
         """What this thread logged since :meth:`start`."""
