@@ -263,9 +263,12 @@ class _Tracker:
             return
         try:
             job.ret, job.info = future.result()
+        except KeyboardInterrupt as exc:  # the terminal's Ctrl-C reached the job's worker too
+            job.ret = JobReturn(overrides=job.overrides, status=JobStatus.FAILED, _return_value=exc)
+            job.stopped = "INTERRUPTED"
         except BaseException as exc:  # the engine failed the task: a crash, pickling, a lost cluster
             job.ret = JobReturn(overrides=job.overrides, status=JobStatus.FAILED, _return_value=exc)
-        failed = job.ret.status == JobStatus.FAILED
+        failed = job.ret.status == JobStatus.FAILED and job.stopped is None
         if failed:
             logger.error("job #%d (%s) failed: %s%s", job.num, " ".join(filter_overrides(job.overrides)) or "no overrides",
                          _describe(job.ret._return_value), _where_logged(job))
@@ -432,7 +435,7 @@ def _write_results(path: Path, jobs: List[_Job], append: bool) -> None:
 def _result_line(job: _Job) -> Dict[str, Any]:
     line: Dict[str, Any] = {"job": job.num, "overrides": job.overrides}
     ret, info = job.ret, job.info
-    if ret is None:
+    if ret is None or job.stopped == "INTERRUPTED":
         line["status"] = job.stopped or "NOT_RUN"
     else:
         line["status"] = ret.status.name

@@ -188,3 +188,9 @@ def draw_mean(chunk: Any, seed: Any = None) -> float:
 
     rng = np.random.default_rng(seed)
     return float(np.mean(rng.random(len(chunk))))
+
+
+def mark_then_wait(mark: str, gate: str, timeout: float = 60.0, value: Any = None) -> Any:
+    """Say that the task started (create ``mark``), then wait for the gate like ``wait_for_file``."""
+    Path(mark).touch()
+    return wait_for_file(gate, timeout, value)

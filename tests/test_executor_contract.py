@@ -154,8 +154,10 @@ def test_policy_pending_cancels_what_no_worker_was_handed(backend: BaseParallelB
     gate = tmp_path / "gate"
     max_workers = 1
     with backend.executor(max_workers=max_workers, cancel_futures=CancellationPolicy.PENDING) as executor:
-        futures = [executor.submit(tasks.wait_for_file, str(gate), 60.0, i) for i in range(8)]
-        assert wait_until(lambda: futures[0].running() or futures[0].done())
+        started = tmp_path / "started"
+        futures = [executor.submit(tasks.mark_then_wait, str(started), str(gate), 60.0, i) for i in range(8)]
+        # Started in a worker, not only handed to the engine (which may still give it back).
+        assert wait_until(started.exists, 60), "the first task never started"
         open_gate_later(gate, 0.5)
     cancelled = [f for f in futures if f.cancelled()]
     finished = [f for f in futures if not f.cancelled()]
