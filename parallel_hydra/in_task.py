@@ -70,6 +70,11 @@ class InTask:
         return f"InTask({getattr(self.fn, '__qualname__', self.fn)!r}, threads={self.threads}, log_level={self.log_level})"
 
     @property
+    def __name__(self) -> str:  # type: ignore[override]
+        """The wrapped function's name: engines name tasks after it (Dask's keys)."""
+        return str(getattr(self.fn, "__name__", "task"))
+
+    @property
     def key(self) -> Tuple[Any, ...]:
         """What makes two of these run the same way: an engine may cache by it."""
         return (self.fn, self.threads, self.log_level, self.origin_pid)

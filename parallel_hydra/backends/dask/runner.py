@@ -204,6 +204,10 @@ def _unpicklable_argument(fn: Callable[..., Any], args: Sequence[Any], kwargs: M
 # -- awaiting outcomes ----------------------------------------------------------------
 
 
+#: Times a finished task's result is fetched before its fetch error is its outcome.
+_GATHER_TRIES = 3
+
+
 async def _watch(client: Any, future: Any, report: Callable[[Any, bool, Any], None], dispatch: ThreadPoolExecutor) -> None:
     """On the client's event loop: wait for ``future``, fetch its outcome, report it.
 
@@ -216,10 +220,18 @@ async def _watch(client: Any, future: Any, report: Callable[[Any, bool, Any], No
     worker (where Dask would compute it again, were that worker lost).
     """
     key = future.key
-    try:
-        outcome: Tuple[bool, Any] = (True, await client.gather(future, asynchronous=True))
-    except BaseException as exc:  # the task's exception, a cancellation, a lost worker
-        outcome = (False, exc)
+    outcome: Tuple[bool, Any] = (False, None)
+    for _ in range(_GATHER_TRIES):
+        try:
+            outcome = (True, await client.gather(future, asynchronous=True))
+            break
+        except BaseException as exc:  # the task's exception, a cancellation, a lost worker
+            outcome = (False, exc)
+            # The client joins gathers that overlap into one request, and a result that
+            # cannot be sent (it does not pickle) fails every task of that request. A task
+            # whose own future says finished did not fail: fetch its result again.
+            if getattr(future, "status", None) != "finished":
+                break
     del future
     try:
         dispatch.submit(report, key, *outcome)
