@@ -220,7 +220,12 @@ def test_policy_all_right_after_submitting_leaves_nothing_running(backend: BaseP
 def test_shutdown_takes_a_policy_of_its_own(backend: BaseParallelBackend, tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     executor = backend.executor(max_workers=1, cancel_futures=CancellationPolicy.NONE)
-    futures = [executor.submit(tasks.wait_for_file, str(gate), 60.0, i) for i in range(6)]
+    started = tmp_path / "started"
+    futures = [executor.submit(tasks.mark_then_wait, str(started), str(gate), 60.0, 0)]
+    futures += [executor.submit(tasks.wait_for_file, str(gate), 60.0, i) for i in range(1, 6)]
+    # Only a task a worker has started is safe from PENDING: one handed to the engine but
+    # not yet started (loky can give it back) may be cancelled too.
+    assert wait_until(started.exists, 60), "the first task never started"
     open_gate_later(gate, 0.5)
     executor.shutdown(wait=True, cancel_futures=True)  # True means PENDING, as in concurrent.futures
     assert any(f.cancelled() for f in futures)
