@@ -13,7 +13,7 @@ from concurrent.futures import BrokenExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Optional
 
-__all__ = ["WorkerCrashedError", "EngineLostError", "describe_exit"]
+__all__ = ["WorkerCrashedError", "NeighborCrashedError", "EngineLostError", "describe_exit"]
 
 
 def describe_exit(exitcode: Optional[int]) -> str:
@@ -36,11 +36,25 @@ class WorkerCrashedError(BrokenProcessPool):
     """The process running this task died before the task returned.
 
     A segmentation fault, ``os._exit``, a ``SIGKILL`` (the out-of-memory killer's
-    signal) or a ``sys.exit`` that took the worker down. Only the task that was running
-    in that process fails; the executor's other tasks are run again (if they had not
-    finished) or kept, and the executor stays usable. A subclass of
+    signal) or a ``sys.exit`` that took the worker down. The task that was running in
+    that process fails; the executor's other tasks are kept if they finished, and run
+    again if they had not started; the executor stays usable. A subclass of
     ``concurrent.futures.process.BrokenProcessPool``, so code written for the standard
     process pool catches it too.
+    """
+
+
+class NeighborCrashedError(WorkerCrashedError):
+    """This task did nothing wrong: another task's crash stopped it.
+
+    A loky pool is all or nothing: when one of its workers dies, loky kills the others
+    too, with the tasks they were running (or whose results were on their way back).
+    Those tasks had started, so they may have had effects (files written, rows
+    inserted); running them again could do that twice, so they fail with this error and
+    the caller decides. A task that had not started yet is run again on new workers
+    instead. The joblib backend raises it, and the Dask backend for a task that shared
+    a worker process (``threads_per_worker`` above 1) with one the ``RUNNING`` policy
+    stopped; otherwise on Ray and Dask one worker's death stops only its own task.
     """
 
 

@@ -1,4 +1,4 @@
-"""Which task each worker process started last, kept where it outlives the worker.
+"""Which tasks each worker process started, kept where it outlives the worker.
 
 When a worker process dies, its engine knows that it died but not (loky) or not for
 sure (Dask, which blames every task the worker held) which task killed it. Each task
@@ -6,6 +6,11 @@ the backends send to a process they started goes out wrapped in :class:`LoggedCa
 which writes the task's number into a small file of its process before it runs: after
 a crash, the file of the dead process names the task it was running. One ``pwrite`` on
 a memory-backed file per task; the files go with the log's folder.
+
+Each file is a ring of the last ``_SLOTS`` starts of its thread, not only the last one:
+a task whose result was lost with its process (it finished, and the process started
+another before the result reached the caller) must count as started, or it would be
+run a second time.
 
 Only for worker processes on this machine (a loky pool, a Dask ``LocalCluster``).
 """
@@ -16,24 +21,29 @@ import os
 import shutil
 import tempfile
 import threading
-from typing import Any, Callable, Dict, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Set, Tuple
 
 __all__ = ["StartLog", "LoggedCall"]
 
-_WIDTH = 20  # digits of a task number in a record
+_SEQ_WIDTH = 12  # digits of a start's sequence number in its thread
+_WIDTH = 20  # digits of a task number
+_ENTRY = _SEQ_WIDTH + _WIDTH
+_SLOTS = 64  # starts kept per thread: far more than a worker can start while its pool breaks
 
-# In a worker process: the open record file of each log folder, by (folder, thread).
-_records: Dict[Tuple[str, int], int] = {}
+# In a worker process: [open record file, starts so far] of each (log folder, thread).
+_records: Dict[Tuple[str, int], List[int]] = {}
 
 
 def _record(folder: str, number: int) -> None:
     key = (folder, threading.get_ident())
-    fd = _records.get(key)
-    if fd is None:
+    record = _records.get(key)
+    if record is None:
         path = os.path.join(folder, f"{os.getpid()}.{key[1]}")
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
-        _records[key] = fd
-    os.pwrite(fd, b"%*d" % (_WIDTH, number), 0)
+        # Truncated: a process that reuses a dead one's PID must not inherit its starts.
+        record = _records[key] = [os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), 0]
+    record[1] += 1
+    seq = record[1]
+    os.pwrite(record[0], b"%*d%*d" % (_SEQ_WIDTH, seq, _WIDTH, number), (seq % _SLOTS) * _ENTRY)
 
 
 class LoggedCall:
@@ -66,7 +76,7 @@ class LoggedCall:
 
 
 class StartLog:
-    """A folder of records, one per worker thread: the number of the task it started last."""
+    """A folder of records, one per worker thread: the numbers of the tasks it started lately."""
 
     def __init__(self) -> None:
         shm = "/dev/shm"
@@ -84,25 +94,37 @@ class StartLog:
 
     def started_by(self, pid: int) -> Set[int]:
         """The numbers of the tasks that the threads of process ``pid`` started last."""
-        numbers: Set[int] = set()
+        return {max(starts)[1] for starts in self._starts(pid) if starts}
+
+    def recently_started_by(self, pid: int) -> Set[int]:
+        """The numbers of the tasks that the threads of process ``pid`` started lately
+        (the last ``_SLOTS`` of each thread), whether they finished or not."""
+        return {number for starts in self._starts(pid) for _, number in starts}
+
+    def _starts(self, pid: int) -> List[List[Tuple[int, int]]]:
+        """For each thread of process ``pid``: its recorded ``(sequence, task number)`` pairs."""
         prefix = f"{pid}."
         try:
             names = [name for name in os.listdir(self.folder) if name.startswith(prefix)]
         except OSError:
-            return numbers
-        for name in names:
-            number = self._read(os.path.join(self.folder, name))
-            if number is not None:
-                numbers.add(number)
-        return numbers
+            return []
+        return [self._read(os.path.join(self.folder, name)) for name in names]
 
     @staticmethod
-    def _read(path: str) -> Optional[int]:
+    def _read(path: str) -> List[Tuple[int, int]]:
         try:
             with open(path, "rb") as record:
-                return int(record.read(_WIDTH))
-        except (OSError, ValueError):
-            return None
+                data = record.read(_SLOTS * _ENTRY)
+        except OSError:
+            return []
+        starts = []
+        for offset in range(0, len(data) - _ENTRY + 1, _ENTRY):
+            entry = data[offset : offset + _ENTRY]
+            try:
+                starts.append((int(entry[:_SEQ_WIDTH]), int(entry[_SEQ_WIDTH:])))
+            except ValueError:  # a slot not written yet (zero bytes), or being written
+                continue
+        return starts
 
     def close(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

@@ -194,3 +194,10 @@ def mark_then_wait(mark: str, gate: str, timeout: float = 60.0, value: Any = Non
     """Say that the task started (create ``mark``), then wait for the gate like ``wait_for_file``."""
     Path(mark).touch()
     return wait_for_file(gate, timeout, value)
+
+
+def append_then_wait(path: str, gate: str, timeout: float = 60.0, value: Any = None) -> Any:
+    """Append a line to ``path`` (the task started; count how often), then wait for the gate."""
+    with open(path, "a") as out:
+        out.write(f"{os.getpid()}\n")
+    return wait_for_file(gate, timeout, value)

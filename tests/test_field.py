@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from parallel_hydra import BaseParallelBackend, CancellationPolicy, JoblibConfig, MapReduceJob
-from parallel_hydra.errors import WorkerCrashedError
+from parallel_hydra.errors import NeighborCrashedError, WorkerCrashedError
 
 import tasks
 from apps import beats_after, wait_until
@@ -51,14 +51,30 @@ def test_a_crash_fails_its_own_task_and_nothing_else(backend: BaseParallelBacken
             assert "died" in str(exc)
         if error is pickle.PicklingError:
             assert fn.__name__ in str(exc) or "pickle" in str(exc).lower()
-        assert [f.result(timeout=120) for f in others] == [0, 1, 2]
-        assert [f.result(timeout=120) for f in more] == [0, 1, 2]
+        outcomes = [_outcome(f) for f in others + more]
+        # On joblib, loky kills the other worker too: the task it had started fails with
+        # NeighborCrashedError (never run twice). On Dask, a task that finished in the
+        # crashing process just before, its result not yet sent, fails the same way.
+        stopped = [i for i, o in enumerate(outcomes) if isinstance(o, NeighborCrashedError)]
+        assert len(stopped) <= (0 if backend.name == "ray" else 1), f"outcomes: {outcomes}"
+        assert [o for i, o in enumerate(outcomes) if i not in stopped] == [
+            v for i, v in enumerate([0, 1, 2, 0, 1, 2]) if i not in stopped
+        ]
         # The executor is still usable after the crash.
         assert executor.submit(tasks.add, 40, 2).result(timeout=120) == 42
-    # Nothing ran twice: each touching task appended exactly one line.
-    assert len((tmp_path / "ran").read_text().splitlines()) == 3
+    # Nothing ran twice: each touching task that returned appended one line, and one
+    # stopped by a neighbour's crash at most one.
+    ran = len((tmp_path / "ran").read_text().splitlines()) if (tmp_path / "ran").exists() else 0
+    stopped_touches = sum(1 for i in stopped if i >= len(others))
+    assert 3 - stopped_touches <= ran <= 3
     with backend.executor(max_workers=2) as executor:
         assert list(executor.map(tasks.square, range(5))) == [0, 1, 4, 9, 16]
+
+
+def _outcome(future: cf.Future) -> object:
+    """The future's result, or the exception it ended with."""
+    error = future.exception(timeout=120)
+    return error if error is not None else future.result()
 
 
 def test_sys_exit_in_a_task_ends_with_an_error_on_its_future(backend: BaseParallelBackend) -> None:

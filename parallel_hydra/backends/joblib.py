@@ -12,12 +12,14 @@ An executor with fewer ``max_workers`` is bounded by its own count of tasks in f
 Tasks still in loky's queue can be taken back (``future.cancel()``, ``PENDING``).
 Workers outlive executors, not the backend: its ``shutdown`` stops them.
 
-A loky pool is all or nothing: one dead worker fails every unfinished task of the pool.
-The backend turns that into one failed task (see :class:`_LokyPool`): each task notes
-its start in the backend's start log, so after a crash the task that ran in the dead
-process fails with ``WorkerCrashedError`` and the pool's other tasks, of any executor,
-run again on a new pool. Stopping running tasks (``RUNNING``) kills the workers that run
-them, the same way; only then, or after a crash, is a new pool started.
+A loky pool is all or nothing: one dead worker fails every unfinished task of the pool,
+and loky kills the pool's other workers with the tasks they run. The backend keeps the
+damage to what had started (see :class:`_LokyPool`): each task notes its start in the
+backend's start log, so after a crash the task that ran in the dead process fails with
+``WorkerCrashedError``, the tasks the other workers had started fail with
+``NeighborCrashedError`` (never run twice), and the tasks no worker had started, of any
+executor, run again on a new pool. Stopping running tasks (``RUNNING``) kills the workers
+that run them, the same way; only then, or after a crash, is a new pool started.
 
 The object store keeps objects in this process. A handle is a settled or running
 ``concurrent.futures.Future`` under the hood; as an argument to ``submit`` it is replaced
@@ -50,7 +52,7 @@ from joblib.externals.loky.process_executor import ProcessPoolExecutor
 
 from ..backend import BaseParallelBackend, SizedJoblibBackend, available_cpus
 from ..config import JoblibConfig, ParallelConfig
-from ..errors import WorkerCrashedError, describe_exit
+from ..errors import NeighborCrashedError, WorkerCrashedError, describe_exit
 from ..executor import DoneCallback, TaskRunner, _register_exit_hook
 from ..in_task import thread_environment
 from ..start_log import LoggedCall, StartLog
@@ -203,13 +205,14 @@ class _LokyPool:
     """The backend's loky pool of ``size`` processes, shared by its executors.
 
     A loky pool is all or nothing: when one worker dies, loky fails every unfinished
-    task of the pool and the pool is gone for good. This class makes that one task's
-    failure: the task that was running in the dead process (the start log says which)
-    fails with :class:`WorkerCrashedError`; the pool's other unfinished tasks, of every
-    executor, go to a new pool, as if nothing happened (a task killed half-way runs
-    again from its start). Stopping tasks (the ``RUNNING`` policy) uses the same path:
-    their workers are killed, and only the stopped tasks are not run again. A new pool
-    is started on the next task after that, never before.
+    task of the pool, kills the other workers and the pool is gone for good. This class
+    keeps that to the tasks that had started: the one running in the dead process (the
+    start log says which) fails with :class:`WorkerCrashedError`; those the killed
+    workers had started fail with :class:`NeighborCrashedError`, since running them again
+    could repeat their effects; the pool's tasks no worker had started, of every
+    executor, go to a new pool as if nothing happened. Stopping tasks (the ``RUNNING``
+    policy) uses the same path: their workers are killed. A new pool is started on the
+    next task after that, never before.
     """
 
     def __init__(self, size: int, idle_timeout: float, start_log: StartLog, env: Dict[str, str]) -> None:
@@ -327,23 +330,54 @@ class _LokyPool:
             for pid in processes:
                 for number in self._log.started_by(pid):
                     blamed[number] = (pid, None)
+        if killed and len(killed) == len(dead):
+            why = "workers were killed to stop cancelled tasks"
+        else:
+            why = "; ".join(
+                f"worker pid {pid} died ({describe_exit(code)})" for pid, code in dead.items() if pid not in killed
+            ) or f"the pool broke ({error})"
         threading.Thread(
-            target=self._recover, args=(affected, blamed, error), name="parallel_hydra-loky-recover", daemon=True
+            target=self._recover,
+            args=(affected, blamed, list(processes.values()), why, error),
+            name="parallel_hydra-loky-recover",
+            daemon=True,
         ).start()
 
-    def _recover(self, affected: List[_LokyTask], blamed: Dict[int, Tuple[int, Optional[int]]], error: BaseException) -> None:
+    def _recover(
+        self,
+        affected: List[_LokyTask],
+        blamed: Dict[int, Tuple[int, Optional[int]]],
+        processes: List[Any],
+        why: str,
+        error: BaseException,
+    ) -> None:
+        """Fail the tasks that had started in the broken pool, run the others again.
+
+        Waits until loky has killed all the pool's workers first: until then, a healthy
+        worker may still start a task from loky's queue, and such a task must not run
+        a second time.
+        """
+        alive = [p.sentinel for p in processes if p.exitcode is None]
+        if alive:
+            mp_wait(alive, timeout=30)
+        started = set().union(*(self._log.recently_started_by(p.pid) for p in processes)) if processes else set()
         for task in affected:
             if task.stopped or task.withdrawn or task.call is None:  # (None: reported meanwhile)
                 continue
             number = task.call.number
-            if number in blamed or task.reruns >= _MAX_RERUNS:
-                pid, exitcode = blamed.get(number, (None, None))
-                name = getattr(task.call.fn, "__name__", repr(task.call.fn))
-                crash = WorkerCrashedError(
-                    f"the worker process (pid {pid}) running task {name} died ({describe_exit(exitcode)})"
-                    if pid is not None
-                    else f"task {name} was in a worker pool that broke {task.reruns + 1} times: {error}"
+            name = getattr(task.call.fn, "__name__", repr(task.call.fn))
+            crash: Optional[WorkerCrashedError] = None
+            if number in blamed:
+                pid, exitcode = blamed[number]
+                crash = WorkerCrashedError(f"the worker process (pid {pid}) running task {name} died ({describe_exit(exitcode)})")
+            elif number in started:
+                crash = NeighborCrashedError(
+                    f"task {name} had started in the worker pool when {why}; loky then stops all the pool's "
+                    f"workers, so it was stopped (or its result lost) and is not run again: it may have had effects"
                 )
+            elif task.reruns >= _MAX_RERUNS:
+                crash = WorkerCrashedError(f"task {name} was in a worker pool that broke {task.reruns + 1} times: {error}")
+            if crash is not None:
                 crash.__cause__ = error
                 task.call = None  # type: ignore[assignment]
                 task.on_done(False, crash)
@@ -374,7 +408,7 @@ class _LokyPool:
     def stop(self, tokens: List[Any]) -> None:
         # loky cannot interrupt one task, but its workers can be killed. Kill the ones
         # running these tasks (all of a pool's, where one of them has not started yet);
-        # the pool breaks, and _pool_broke runs its other tasks again on a new pool.
+        # the pool breaks, and _pool_broke runs its unstarted tasks again on a new pool.
         victims: List[Any] = []
         with self._lock:
             numbers = set()

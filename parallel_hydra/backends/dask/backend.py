@@ -133,7 +133,7 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
         # One thread reports every completion to the executors (see _watch).
         self._dispatch = ThreadPoolExecutor(1, thread_name_prefix="parallel_hydra-dask")
         self._layout: Optional[Tuple[int, int]] = None
-        # Which task each worker process started last: only for worker processes we start.
+        # Which tasks each worker process started: only for worker processes we start.
         self._start_log: Optional[StartLog] = None
         # The batch cluster (dask-jobqueue) this backend started, if any (see jobqueue.py).
         self._batch: Optional[Any] = None

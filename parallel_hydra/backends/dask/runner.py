@@ -26,7 +26,7 @@ from concurrent.futures import CancelledError, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ...config import DaskTaskOptions
-from ...errors import WorkerCrashedError
+from ...errors import NeighborCrashedError, WorkerCrashedError
 from ...executor import DoneCallback, TaskRunner
 from ...start_log import LoggedCall, StartLog
 from distributed.diagnostics.plugin import WorkerPlugin
@@ -417,8 +417,10 @@ class _DaskRunner(TaskRunner):
             crash.__cause__ = error
             return crash
         killed_on_purpose = self._workers.killed_on_purpose(pid)
-        started_there = pid is not None and task.number in self._log.started_by(pid)
-        if (killed_on_purpose or not started_there) and task.resubmits < _MAX_RESUBMITS:
+        # Lately, not only last: a task that finished there just before the process
+        # died, its result not yet safe, ran once and must not run again.
+        started_there = pid is not None and task.number in self._log.recently_started_by(pid)
+        if not started_there and task.resubmits < _MAX_RESUBMITS:
             task.resubmits += 1
             logger.debug("Dask: task %s was on worker %s (pid %s), which died; submitting it again", name, address, pid)
             try:
@@ -427,6 +429,18 @@ class _DaskRunner(TaskRunner):
                 return None
             except Exception as exc:
                 return exc
+        running_there = pid is not None and task.number in self._log.started_by(pid)
+        if started_there and (killed_on_purpose or not running_there):
+            if running_there:
+                what = f"was running in the Dask worker process (pid {pid}, {address}) that was killed to stop cancelled tasks"
+            else:
+                what = (
+                    f"had finished in the Dask worker process (pid {pid}, {address}), but its result was lost when "
+                    f"that process died running another task ({_how_it_died(pid)})"
+                )
+            neighbor = NeighborCrashedError(f"task {name} {what}; it is not run again: it may have had effects")
+            neighbor.__cause__ = error
+            return neighbor
         if started_there:
             message = f"the Dask worker process (pid {pid}, {address}) running task {name} died ({_how_it_died(pid)})"
         else:
