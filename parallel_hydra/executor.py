@@ -123,6 +123,12 @@ class TaskRunner(ABC):
         """
         return False
 
+    def expect_in_flight(self, limit: float) -> None:
+        """Told once, before the first task: how many of the executor's tasks the engine
+        may hold at once (``math.inf``: each is handed over as it is submitted). An engine
+        may choose by it how it hears of tasks' ends: one at a time where the executor
+        waits for an end to hand over the next task, in batches where it does not."""
+
     def keeps_own_queue(self, max_workers: int) -> bool:
         """Whether the engine queues tasks itself and gives its workers only a few.
 
@@ -368,6 +374,7 @@ class ParallelExecutor(Executor):
             self._limit: float = math.inf
         else:
             self._limit = max_workers * (2 if runner.enforces_bound(max_workers) else 1)
+        runner.expect_in_flight(self._limit)
         self._can_withdraw = runner.can_withdraw(max_workers)
         # One lock guards the queue, the in-flight set and the shutdown flags. It is
         # never held while calling into the engine or completing a future.

@@ -22,6 +22,7 @@ import pytest
 from parallel_hydra.backends.ray import RayParallelBackend
 from parallel_hydra.errors import WorkerCrashedError
 from ray_support import REPO_ROOT, app_env, free_port, ray_head, run_app
+import tasks
 from tasks import add, length
 
 RAY_LOGGER = "parallel_hydra.backends.ray"
@@ -180,6 +181,39 @@ def test_a_result_that_exits_when_unpickled_fails_its_future(ray_backend: RayPar
         assert "_returns_exiting" in str(error)
     finally:
         executor.shutdown(cancel_futures="ALL")
+
+
+def test_in_batches_a_result_that_exits_when_unpickled_fails_its_future(ray_backend: RayParallelBackend) -> None:
+    # Under NONE on a runtime of max_workers CPUs every task goes to Ray at once and
+    # results are collected in batches (ray.wait, ray.get), not by Ray's callbacks.
+    executor = ray_backend.executor(max_workers=2, cancel_futures="NONE")
+    try:
+        assert executor._runner._reaper is not None, "this executor should collect results in batches"
+        exiting = executor.submit(_returns_exiting)
+        fine = [executor.submit(tasks.add, i, 1) for i in range(5)]
+        error = exiting.exception(timeout=60)
+        assert isinstance(error, pickle.UnpicklingError), repr(error)
+        assert "_returns_exiting" in str(error)
+        assert [f.result(timeout=60) for f in fine] == [1, 2, 3, 4, 5]
+    finally:
+        executor.shutdown(cancel_futures="ALL")
+
+
+def test_in_batches_tasks_behind_a_long_one_are_reported_when_they_end(ray_backend: RayParallelBackend, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    executor = ray_backend.executor(max_workers=2, cancel_futures="NONE")
+    try:
+        assert executor._runner._reaper is not None
+        long = executor.submit(tasks.wait_for_file, str(gate), 60.0, "long")
+        quick = [executor.submit(tasks.add, i, 1) for i in range(200)]
+        # All of them end while the oldest task still runs.
+        assert [f.result(timeout=30) for f in quick] == list(range(1, 201))
+        assert not long.done()
+        gate.touch()
+        assert long.result(timeout=30) == "long"
+    finally:
+        gate.touch()
+        executor.shutdown()
 
 
 # -- the worker's traceback ---------------------------------------------------------------------
