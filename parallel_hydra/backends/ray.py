@@ -624,7 +624,8 @@ class _RayRunner(TaskRunner):
     def _translate(self, token: _RayTask, error: BaseException) -> BaseException:
         """Ray's error for a task, as the exception its future raises."""
         if isinstance(error, self._task_error):
-            traceback_str = getattr(error, "traceback_str", "") or ""
+            # (The instance ray.get raises has no traceback_str: its text holds it.)
+            traceback_str = getattr(error, "traceback_str", "") or str(error)
             cause = _unwrap(self._ray, error)
             if cause is not error and "store_task_outputs" in traceback_str and isinstance(
                 cause, (TypeError, AttributeError, pickle.PicklingError)

@@ -21,7 +21,7 @@ import itertools
 import logging
 import threading
 from collections import deque
-from typing import Any, Callable, Deque, List, Optional, Tuple
+from typing import Any, Callable, Deque, List, Optional
 
 __all__ = ["BatchReaper"]
 
@@ -144,14 +144,21 @@ class BatchReaper:
             entry.report(value)
 
     def _deliver_one(self, entry: _Entry) -> None:
-        outcome: Tuple[bool, Any]
+        ref = entry.token.ref
         try:
-            outcome = (True, self._ray.get(entry.token.ref))
-        except self._error_type as error:  # the task failed: Ray's error, as a callback gets it
-            outcome = (True, error)
+            value = self._ray.get(ref)
+        except self._error_type as error:
+            # The task failed. ray.get raises a copy of Ray's error that has lost the
+            # worker's full traceback (which says, for one, whether the task raised or
+            # its result could not be pickled); a completion callback gets the error
+            # itself, as it does when results are not collected in batches.
+            on_completed = getattr(ref, "_on_completed", None)
+            if on_completed is not None:
+                on_completed(entry.report)
+            else:  # pragma: no cover - a Ray without the private hook
+                entry.report(error)
+            return
         except BaseException as error:  # e.g. unpickling the result raised here
-            outcome = (False, error)
-        if outcome[0]:
-            entry.report(outcome[1])
-        else:
-            entry.fail(outcome[1])
+            entry.fail(error)
+            return
+        entry.report(value)
