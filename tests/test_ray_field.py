@@ -354,3 +354,59 @@ def test_a_dead_head_fails_the_futures_or_ends_the_app(own_head: tuple, tmp_path
     assert "LOST:" in output, f"the app ended ({app.returncode}) after {took:.0f} s without failing its futures:\n{output[-3000:]}"
     assert address in output.split("LOST:", 1)[1]
     assert app.returncode == 0, output[-3000:]
+
+
+@pytest.mark.parametrize("policy", ["NONE", "PENDING"])  # results in batches, and by callbacks
+def test_a_dead_local_runtime_fails_the_futures_and_the_app_ends(policy: str, tmp_path: Path) -> None:
+    # The GCS of the runtime the backend started dies (the out-of-memory killer, say).
+    # Ray alone would leave the futures waiting 60 s and then end the process.
+    code = textwrap.dedent(
+        f"""
+        import time, psutil
+        from concurrent.futures import wait
+        from parallel_hydra import RayParallelBackend
+        from parallel_hydra.errors import EngineLostError
+        def nap(seconds):
+            import time
+            time.sleep(seconds)
+            return seconds
+        with RayParallelBackend(n_cpus=2) as backend:
+            executor = backend.executor(max_workers=2, cancel_futures={policy!r})
+            futures = [executor.submit(nap, 300) for _ in range(4)]
+            time.sleep(2.0)
+            family = psutil.Process().children(recursive=True)
+            print("FAMILY:", " ".join(str(p.pid) for p in family), flush=True)
+            (gcs,) = [p for p in family if "gcs_server" in " ".join(p.cmdline())]
+            gcs.kill()
+            start = time.monotonic()
+            wait(futures, timeout=60)
+            for future in futures:
+                error = future.exception(timeout=0)
+                print("LOST:", type(error).__name__, error, flush=True)
+                assert isinstance(error, EngineLostError), repr(error)
+            print("SECONDS:", round(time.monotonic() - start, 1), flush=True)
+            executor.shutdown(wait=False)
+        print("ENDED", flush=True)
+        """
+    )
+    run = subprocess.run([sys.executable, "-c", code], cwd=str(REPO_ROOT), env=app_env(), capture_output=True,
+                         text=True, timeout=180)
+    output = run.stdout + run.stderr
+    assert run.returncode == 0 and "ENDED" in run.stdout, output[-3000:]
+    seconds = float(run.stdout.split("SECONDS:", 1)[1].split()[0])
+    assert seconds < 20, f"the futures failed only after {seconds} s"
+    assert "local Ray runtime" in run.stdout.split("LOST:", 1)[1]
+    import psutil
+
+    family = [int(pid) for pid in run.stdout.split("FAMILY:", 1)[1].splitlines()[0].split()]
+    end = time.monotonic() + 30
+    left = family
+    while left and time.monotonic() < end:
+        left = [pid for pid in family if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+        time.sleep(0.5)
+    for pid in left:  # this test's own leftovers, by PID only
+        try:
+            psutil.Process(pid).kill()
+        except psutil.Error:
+            pass
+    assert not left, f"processes of the dead runtime still run: {left}"

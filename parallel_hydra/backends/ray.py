@@ -33,6 +33,7 @@ import logging
 import math
 import os
 import pickle
+import signal
 import socket
 import sys
 import threading
@@ -76,6 +77,67 @@ _LOST_REFUSED = 1.5
 _LOST_SILENT = 30.0
 
 
+def _stat_fields(pid: int) -> Optional[List[bytes]]:
+    """Fields 3 onwards of ``/proc/PID/stat`` (state, ppid, ...); None if gone or a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in (b"Z", b"X") else fields
+
+
+def _runtime_family(ray: Any) -> Dict[int, bytes]:
+    """The processes of the local runtime this process started, ``{pid: start time}``:
+    those Ray lists (GCS, raylet, monitors) and all their descendants (agents, workers).
+
+    Read from ``/proc``, so only on Linux (elsewhere: empty). The start time tells a
+    process from a later one that reuses its PID.
+    """
+    node = getattr(getattr(ray, "_private", None) and ray._private.worker, "_global_node", None)
+    listed = getattr(node, "all_processes", None) or {}
+    roots = {info.process.pid for infos in listed.values() for info in infos if getattr(info, "process", None)}
+    if not roots or not os.path.isdir("/proc"):
+        return {}
+    stats = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            fields = _stat_fields(int(name))
+            if fields is not None:
+                stats[int(name)] = fields
+    family = {pid for pid in roots if pid in stats}
+    while True:
+        children = {pid for pid, fields in stats.items() if int(fields[1]) in family} - family
+        if not children:
+            break
+        family |= children
+    return {pid: stats[pid][19] for pid in family}
+
+
+def _end_leftovers(family: Dict[int, bytes], grace: float = 5.0) -> None:
+    """After ``ray.shutdown()``: kill what is left of a local runtime this process started.
+
+    When its GCS or raylet died first (killed from outside), ``ray.shutdown`` cannot
+    stop the rest: Ray's agents, children of the raylet, outlive it. Only the processes
+    in ``family`` are touched, by PID and start time.
+    """
+    def alive() -> List[int]:
+        return [pid for pid, started in family.items() if (_stat_fields(pid) or [b""] * 20)[19] == started]
+
+    end = time.monotonic() + grace
+    left = alive()
+    while left and time.monotonic() < end:
+        time.sleep(0.1)
+        left = alive()
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    if left:
+        logger.warning("killed %d process(es) left by the local Ray runtime: %s", len(left), left)
+
+
 class _SharedSession:
     """The one Ray session of this process, shared by the backends that opened or joined it.
 
@@ -91,6 +153,8 @@ class _SharedSession:
         self._users = 0
         self._joined = False
         self._watch: Optional["_HeadWatch"] = None
+        # The processes of a local runtime the session started, as seen when it started.
+        self._family: Dict[int, bytes] = {}
 
     @property
     def users(self) -> int:
@@ -114,13 +178,14 @@ class _SharedSession:
             joined = open_session()
             self._users += 1
             self._joined = joined
+            self._family = {} if joined else _runtime_family(ray)
             return True, joined
 
-    def watch(self, host: str, port: int, address: str) -> "_HeadWatch":
-        """Start watching the head of the joined cluster (once per session)."""
+    def watch(self, host: str, port: int, what: str) -> "_HeadWatch":
+        """Start watching the head of the session's cluster (once per session)."""
         with self._lock:
             if self._watch is None:
-                self._watch = _HeadWatch(host, port, address)
+                self._watch = _HeadWatch(host, port, what)
             return self._watch
 
     def release(self, ray: Any, address: Optional[str]) -> None:
@@ -136,18 +201,24 @@ class _SharedSession:
                 # We only joined this cluster: disconnect this driver; the cluster keeps
                 # running (ray.shutdown stops only what its ray.init started).
                 logger.info("disconnecting from the Ray cluster at %r", address)
-            else:
-                # We (or a backend we shared with) started it: stop it.
-                logger.info("stopping the local Ray runtime")
-            self._joined = False
+                self._joined = False
+                ray.shutdown()
+                return
+            # We (or a backend we shared with) started it: stop it, and whatever of it
+            # ray.shutdown could not stop (a runtime whose GCS or raylet died first).
+            logger.info("stopping the local Ray runtime")
+            family = {**self._family, **_runtime_family(ray)}
+            self._family = {}
             ray.shutdown()
+            _end_leftovers(family)
 
 
 _session = _SharedSession()
 
 
 class _HeadWatch:
-    """Watches the head of a joined cluster; when it is gone, tells its listeners.
+    """Watches the head of the session's cluster (joined, or the local runtime this
+    process started); when it is gone, tells its listeners.
 
     Ray 2.60 gives a driver no word when the head dies. If the driver shares the
     head's node (its raylet and object store), Ray ends the whole process once its
@@ -159,8 +230,8 @@ class _HeadWatch:
     is told, and fails its tasks with :class:`EngineLostError`.
     """
 
-    def __init__(self, host: str, port: int, address: str) -> None:
-        self._host, self._port, self._address = host, port, address
+    def __init__(self, host: str, port: int, what: str) -> None:
+        self._host, self._port, self._what = host, port, what
         self._listeners: "weakref.WeakSet[Any]" = weakref.WeakSet()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -217,7 +288,7 @@ class _HeadWatch:
 
     def _declare_lost(self, why: str) -> None:
         error = EngineLostError(
-            f"lost the Ray cluster at address {self._address!r}: {why}. Its tasks cannot "
+            f"lost {self._what}: {why}. Its tasks cannot "
             f"finish; Ray will end this process once it gives up on the cluster."
         )
         with self._lock:
@@ -837,19 +908,23 @@ class RayParallelBackend(BaseParallelBackend, name="ray"):
         if config.address is not None and ray.is_initialized():
             logger.warning("Ray is already initialised in this process; address %r is ignored", config.address)
         self._shares_runtime, self._joined = _session.acquire(ray, open_session)
-        if self._joined:
+        if self._shares_runtime:
+            # Watched when local too: if its GCS dies (the out-of-memory killer, say),
+            # Ray leaves our tasks waiting for 60 s and then ends this process.
             self._watch = _session.watch(*self._watched_head())
         self._remote_cache = _RemoteCache(ray, defaults)
 
     def _watched_head(self) -> Tuple[str, int, str]:
-        """Host, port and shown address of the joined cluster's head (GCS)."""
+        """Host and port of the session's head (GCS), and what to call it."""
         shown = self.config.address or ""
         if shown.startswith("ray://"):  # Ray Client: its server is what we talk to
             host, port = split_host_port(shown, _ADDRESS_FORMS)
-            return host, port, shown
+            return host, port, f"the Ray cluster at address {shown!r}"
         address = self._ray.get_runtime_context().gcs_address
         host, port = split_host_port(address, _ADDRESS_FORMS)
-        return host, port, shown if shown not in ("", "auto") else address
+        if not self._joined:
+            return host, port, f"the local Ray runtime this process started (its GCS at {address})"
+        return host, port, f"the Ray cluster at address {shown if shown not in ('', 'auto') else address!r}"
 
     def _owns_runtime(self) -> bool:
         """Whether the session is a local runtime that this process started (fixed size)."""
