@@ -12,7 +12,9 @@ Tasks mostly end in the order Ray was given them, so the reaper watches a window
 the oldest unfinished refs. It waits until all of them are ready, or ``_PATIENCE``
 seconds; if the oldest is still running then (a long task), it also looks, without
 waiting, at the refs after the window, so that tasks behind a long one are reported
-within ``_PATIENCE`` of their end, not when it ends.
+within ``_PATIENCE`` of their end, not when it ends. While nothing ends (long tasks)
+the patience doubles up to ``_MAX_PATIENCE``, so that hours of running tasks cost a
+few calls a second, not a hundred; the first end brings it back.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ logger = logging.getLogger(__name__)
 
 #: Refs waited on at once: enough for a batch, few enough that a wait stays cheap.
 _WINDOW = 64
-#: The longest a finished task waits to be reported (seconds).
+#: The longest a finished task waits to be reported while tasks keep ending (seconds),
+#: and after a spell in which none did.
 _PATIENCE = 0.01
+_MAX_PATIENCE = 0.2
 #: Windows looked at beyond the first when the oldest task is still running.
 _LOOK_AHEAD = 4
 
@@ -90,17 +94,20 @@ class BatchReaper:
     # -- the thread -------------------------------------------------------------------
 
     def _run(self) -> None:
+        patience = _PATIENCE
         while True:
             window = self._next_window()
             if window is None:
                 return
             if window:
                 try:
-                    self._reap(window)
+                    ended = self._reap(window, patience)
                 except Exception as exc:  # Ray itself failed (a lost cluster): try again
                     logger.debug("reaping Ray results failed: %s", exc)
                     with self._changed:
-                        self._changed.wait(_PATIENCE * 10)
+                        self._changed.wait(_MAX_PATIENCE)
+                    continue
+                patience = _PATIENCE if ended else min(2 * patience, _MAX_PATIENCE)
 
     def _next_window(self) -> Optional[List[_Entry]]:
         """The oldest unfinished entries; ``None`` when closed with nothing left."""
@@ -116,11 +123,12 @@ class BatchReaper:
                 self._changed.wait()
             return [e for e in itertools.islice(entries, _WINDOW * (_LOOK_AHEAD + 1)) if e.token.state == "running"]
 
-    def _reap(self, candidates: List[_Entry]) -> None:
+    def _reap(self, candidates: List[_Entry], patience: float) -> bool:
+        """Report the candidates that end within ``patience`` seconds; whether any did."""
         ray = self._ray
         window = candidates[:_WINDOW]
         refs = [e.token.ref for e in window]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=_PATIENCE, fetch_local=True)
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=patience, fetch_local=True)
         done = set(ready)
         ended = [e for e in window if e.token.ref in done]
         if window[0].token.ref not in done and len(candidates) > len(window):
@@ -131,6 +139,7 @@ class BatchReaper:
             ended += [e for e in later if e.token.ref in done]
         if ended:
             self._deliver(ended)
+        return bool(ended)
 
     def _deliver(self, ended: List[_Entry]) -> None:
         """Fetch the results of ``ended`` (all ready) and report each one."""
