@@ -12,9 +12,10 @@ Tasks mostly end in the order Ray was given them, so the reaper watches a window
 the oldest unfinished refs. It waits until all of them are ready, or ``_PATIENCE``
 seconds; if the oldest is still running then (a long task), it also looks, without
 waiting, at the refs after the window, so that tasks behind a long one are reported
-within ``_PATIENCE`` of their end, not when it ends. While nothing ends (long tasks)
-the patience doubles up to ``_MAX_PATIENCE``, so that hours of running tasks cost a
-few calls a second, not a hundred; the first end brings it back.
+within ``_PATIENCE`` of their end, not when it ends. After a round in which nothing
+ended (long tasks), the reaper waits for the *first* of them to end instead, up to
+``_MAX_PATIENCE`` at a time: hours of running tasks cost a few calls a second, not a
+hundred, and the first end is reported at once.
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ logger = logging.getLogger(__name__)
 
 #: Refs waited on at once: enough for a batch, few enough that a wait stays cheap.
 _WINDOW = 64
-#: The longest a finished task waits to be reported while tasks keep ending (seconds),
-#: and after a spell in which none did.
+#: The longest a finished task waits to be reported while tasks keep ending (seconds).
 _PATIENCE = 0.01
+#: How long one wait for the first end lasts, once tasks have stopped ending.
 _MAX_PATIENCE = 0.2
 #: Windows looked at beyond the first when the oldest task is still running.
 _LOOK_AHEAD = 4
@@ -94,20 +95,18 @@ class BatchReaper:
     # -- the thread -------------------------------------------------------------------
 
     def _run(self) -> None:
-        patience = _PATIENCE
+        quiet = False  # nothing ended in the last round
         while True:
             window = self._next_window()
             if window is None:
                 return
             if window:
                 try:
-                    ended = self._reap(window, patience)
+                    quiet = not self._reap(window, quiet)
                 except Exception as exc:  # Ray itself failed (a lost cluster): try again
                     logger.debug("reaping Ray results failed: %s", exc)
                     with self._changed:
                         self._changed.wait(_MAX_PATIENCE)
-                    continue
-                patience = _PATIENCE if ended else min(2 * patience, _MAX_PATIENCE)
 
     def _next_window(self) -> Optional[List[_Entry]]:
         """The oldest unfinished entries; ``None`` when closed with nothing left."""
@@ -123,12 +122,20 @@ class BatchReaper:
                 self._changed.wait()
             return [e for e in itertools.islice(entries, _WINDOW * (_LOOK_AHEAD + 1)) if e.token.state == "running"]
 
-    def _reap(self, candidates: List[_Entry], patience: float) -> bool:
-        """Report the candidates that end within ``patience`` seconds; whether any did."""
+    def _reap(self, candidates: List[_Entry], quiet: bool) -> bool:
+        """Report the candidates that end in this round; whether any did.
+
+        A round waits until the whole window has ended, or ``_PATIENCE``; when the
+        last round was ``quiet``, it first waits (up to ``_MAX_PATIENCE``) for any
+        candidate to end, then takes whatever has ended without waiting more."""
         ray = self._ray
+        if quiet:
+            first, _ = ray.wait([e.token.ref for e in candidates], num_returns=1, timeout=_MAX_PATIENCE, fetch_local=True)
+            if not first:
+                return False
         window = candidates[:_WINDOW]
         refs = [e.token.ref for e in window]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=patience, fetch_local=True)
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0 if quiet else _PATIENCE, fetch_local=True)
         done = set(ready)
         ended = [e for e in window if e.token.ref in done]
         if window[0].token.ref not in done and len(candidates) > len(window):
