@@ -7,7 +7,7 @@ which writes the task's number into a small file of its process before it runs: 
 a crash, the file of the dead process names the task it was running. One ``pwrite`` on
 a memory-backed file per task; the files go with the log's folder.
 
-Each file is a ring of the last ``_SLOTS`` starts of its thread, not only the last one:
+Each file is a ring of the last ``_SLOTS`` starts of its thread (16 KB), not only the last one:
 a task whose result was lost with its process (it finished, and the process started
 another before the result reached the caller) must count as started, or it would be
 run a second time.
@@ -28,7 +28,9 @@ __all__ = ["StartLog", "LoggedCall"]
 _SEQ_WIDTH = 12  # digits of a start's sequence number in its thread
 _WIDTH = 20  # digits of a task number
 _ENTRY = _SEQ_WIDTH + _WIDTH
-_SLOTS = 64  # starts kept per thread: far more than a worker can start while its pool breaks
+# Starts kept per thread: more than a worker can start while its pool breaks (loky hands
+# its workers at most 2 * size + 1 tasks ahead) or while its results wait to be fetched.
+_SLOTS = 512
 
 # In a worker process: [open record file, starts so far] of each (log folder, thread).
 _records: Dict[Tuple[str, int], List[int]] = {}

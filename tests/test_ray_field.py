@@ -205,9 +205,10 @@ def test_in_batches_tasks_behind_a_long_one_are_reported_when_they_end(ray_backe
     try:
         assert executor._runner._reaper is not None
         long = executor.submit(tasks.wait_for_file, str(gate), 60.0, "long")
-        quick = [executor.submit(tasks.add, i, 1) for i in range(200)]
+        # More than the reaper looks at in one round (64 + 4 * 64): it must move on.
+        quick = [executor.submit(tasks.add, i, 1) for i in range(1000)]
         # All of them end while the oldest task still runs.
-        assert [f.result(timeout=30) for f in quick] == list(range(1, 201))
+        assert [f.result(timeout=60) for f in quick] == list(range(1, 1001))
         assert not long.done()
         gate.touch()
         assert long.result(timeout=30) == "long"

@@ -357,9 +357,17 @@ class _LokyPool:
         worker may still start a task from loky's queue, and such a task must not run
         a second time.
         """
-        alive = [p.sentinel for p in processes if p.exitcode is None]
+        alive = [p for p in processes if p.exitcode is None]
         if alive:
-            mp_wait(alive, timeout=30)
+            mp_wait([p.sentinel for p in alive], timeout=30)
+            stuck = [p for p in alive if p.exitcode is None]
+            for process in stuck:  # loky's kill failed: ours, or a started task could run twice
+                try:
+                    process.kill()
+                except OSError:
+                    pass
+            if stuck:
+                mp_wait([p.sentinel for p in stuck], timeout=30)
         started = set().union(*(self._log.recently_started_by(p.pid) for p in processes)) if processes else set()
         for task in affected:
             if task.stopped or task.withdrawn or task.call is None:  # (None: reported meanwhile)

@@ -23,8 +23,7 @@ from __future__ import annotations
 import itertools
 import logging
 import threading
-from collections import deque
-from typing import Any, Callable, Deque, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 __all__ = ["BatchReaper"]
 
@@ -46,9 +45,10 @@ Fail = Callable[[BaseException], None]
 
 
 class _Entry:
-    __slots__ = ("token", "report", "fail")
+    __slots__ = ("key", "token", "report", "fail")
 
-    def __init__(self, token: Any, report: Report, fail: Fail) -> None:
+    def __init__(self, key: int, token: Any, report: Report, fail: Fail) -> None:
+        self.key = key
         self.token = token
         self.report = report
         self.fail = fail
@@ -58,16 +58,20 @@ class BatchReaper:
     """One thread that reports the ends of the tasks it is given, in submission order
     mostly and in batches.
 
-    A token is ``running`` while its task is unreported (the runner's ``state``); the
-    reaper drops tokens that ended another way (withdrawn, stopped, failed because the
-    cluster was lost) without asking Ray about them.
+    A token is ``running`` while its task is unreported (the runner's ``state``). An
+    entry leaves the reaper as soon as it is reported, so that nothing holds a
+    reported task's ObjectRef (and its result in Ray's object store); entries whose
+    tokens ended another way (withdrawn, stopped, failed because the cluster was lost)
+    are dropped when the reaper comes across them, without asking Ray about them.
     """
 
     def __init__(self, ray: Any) -> None:
         self._ray = ray
         self._error_type = ray.exceptions.RayError
         self._changed = threading.Condition()
-        self._entries: Deque[_Entry] = deque()
+        # Insertion-ordered: the oldest unreported task first. Keyed by a counter.
+        self._entries: Dict[int, _Entry] = {}
+        self._counter = itertools.count()
         self._thread: Optional[threading.Thread] = None
         self._closed = False
 
@@ -76,7 +80,8 @@ class BatchReaper:
         with self._changed:
             if self._closed:
                 raise RuntimeError("the backend was shut down")
-            self._entries.append(_Entry(token, report, fail))
+            key = next(self._counter)
+            self._entries[key] = _Entry(key, token, report, fail)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="parallel_hydra-ray-reaper", daemon=True)
                 self._thread.start()
@@ -100,27 +105,51 @@ class BatchReaper:
             window = self._next_window()
             if window is None:
                 return
-            if window:
-                try:
-                    quiet = not self._reap(window, quiet)
-                except Exception as exc:  # Ray itself failed (a lost cluster): try again
-                    logger.debug("reaping Ray results failed: %s", exc)
-                    with self._changed:
-                        self._changed.wait(_MAX_PATIENCE)
+            try:
+                quiet = not self._reap(window, quiet)
+            except Exception as exc:  # Ray itself failed: a lost cluster, or shut down
+                with self._changed:
+                    closed = self._closed
+                if closed:  # Ray's session is gone with the backend: nothing will end
+                    self._fail_all(RuntimeError(f"the Ray backend was shut down before the task ended ({exc})"))
+                    return
+                logger.debug("reaping Ray results failed: %s", exc)
+                with self._changed:
+                    self._changed.wait(_MAX_PATIENCE)
 
     def _next_window(self) -> Optional[List[_Entry]]:
-        """The oldest unfinished entries; ``None`` when closed with nothing left."""
+        """The oldest unreported entries (at least one); ``None`` when closed with
+        nothing left."""
+        limit = _WINDOW * (_LOOK_AHEAD + 1)
         with self._changed:
-            entries = self._entries
             while True:
-                while entries and entries[0].token.state != "running":
-                    entries.popleft()
-                if entries:
-                    break
+                window, dropped = [], []
+                for key, entry in self._entries.items():
+                    if entry.token.state != "running":
+                        dropped.append(key)
+                    else:
+                        window.append(entry)
+                        if len(window) == limit:
+                            break
+                for key in dropped:
+                    del self._entries[key]
+                if window:
+                    return window
                 if self._closed:
                     return None
                 self._changed.wait()
-            return [e for e in itertools.islice(entries, _WINDOW * (_LOOK_AHEAD + 1)) if e.token.state == "running"]
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._changed:
+            entries = list(self._entries.values())
+            self._entries.clear()
+        for entry in entries:
+            entry.fail(error)
+
+    def _forget(self, ended: List[_Entry]) -> None:
+        with self._changed:
+            for entry in ended:
+                self._entries.pop(entry.key, None)
 
     def _reap(self, candidates: List[_Entry], quiet: bool) -> bool:
         """Report the candidates that end in this round; whether any did.
@@ -145,6 +174,7 @@ class BatchReaper:
             done = set(more)
             ended += [e for e in later if e.token.ref in done]
         if ended:
+            self._forget(ended)
             self._deliver(ended)
         return bool(ended)
 
