@@ -34,6 +34,7 @@ import logging
 import os
 import pickle
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -359,11 +360,11 @@ class _LokyPool:
         """
         alive = [p for p in processes if p.exitcode is None]
         if alive:
-            mp_wait([p.sentinel for p in alive], timeout=30)
+            mp_wait([p.sentinel for p in alive], timeout=10)
             stuck = [p for p in alive if p.exitcode is None]
             for process in stuck:  # loky's kill failed: ours, or a started task could run twice
                 try:
-                    process.kill()
+                    os.kill(process.pid, signal.SIGKILL)
                 except OSError:
                     pass
             if stuck:
