@@ -40,6 +40,7 @@ from omegaconf import DictConfig, open_dict
 from .checks import require_integer
 from .config import plain
 from .hydra_config import LAUNCHER_KEYS
+from .errors import EngineLostError, WorkerCrashedError
 from .policy import CancellationPolicy
 
 __all__ = ["launch", "execute_job", "JobInfo", "RESULTS_FILE"]
@@ -160,6 +161,10 @@ def _job_surroundings(launch_cwd: str) -> Iterator[List[str]]:
 #: What cloudpickle (3.1+, which loky and Dask use) names the file of code it sends by value.
 _DYNAMIC_CODE = "<dynamic-code>"
 
+#: Seconds before a Ctrl-C reached this process in which a job whose worker died counts
+#: as interrupted (the same Ctrl-C reached the worker first), not failed.
+_CTRL_C_WINDOW = 5.0
+
 
 def _restore_file_name(task_function: Any, file_name: str) -> None:
     """Give the app's functions, sent by value, their script's name back.
@@ -241,6 +246,8 @@ class _Job:
     info: Optional[JobInfo] = None
     #: Set when the job did not end by itself: cancelled by fail_fast, or interrupted.
     stopped: Optional[str] = None
+    #: When (``time.monotonic()``) its worker died under it, if it did.
+    worker_died_at: Optional[float] = None
 
 
 class _Tracker:
@@ -268,6 +275,8 @@ class _Tracker:
             job.stopped = "INTERRUPTED"
         except BaseException as exc:  # the engine failed the task: a crash, pickling, a lost cluster
             job.ret = JobReturn(overrides=job.overrides, status=JobStatus.FAILED, _return_value=exc)
+            if isinstance(exc, (WorkerCrashedError, EngineLostError)):
+                job.worker_died_at = time.monotonic()
         failed = job.ret.status == JobStatus.FAILED and job.stopped is None
         if failed:
             logger.error("job #%d (%s) failed: %s%s", job.num, " ".join(filter_overrides(job.overrides)) or "no overrides",
@@ -404,8 +413,13 @@ def launch(
                             job.stopped = "CANCELLED"
     except KeyboardInterrupt:
         interrupted = True
+        now = time.monotonic()
         for job in jobs:
-            if job.ret is None:
+            # A terminal's Ctrl-C reaches the engine's worker processes too, and one may
+            # die of it a moment before this process hears of it: that job was
+            # interrupted, not failed.
+            died = job.worker_died_at is not None and now - job.worker_died_at < _CTRL_C_WINDOW
+            if job.ret is None or died:
                 job.stopped = "INTERRUPTED"
         raise
     finally:
