@@ -531,6 +531,13 @@ def _pickling_error(name: str, exc: BaseException) -> pickle.PicklingError:
 # -- the executor's engine side --------------------------------------------------------
 
 
+def _unpickling_error(token: "_RayTask", what: Any, cause: BaseException) -> pickle.UnpicklingError:
+    """The error of a task whose result came back but could not be unpickled here."""
+    error = pickle.UnpicklingError(f"task {token.name}: its result could not be unpickled in this process: {what!r}")
+    error.__cause__ = cause
+    return error
+
+
 class _RayTask:
     """The token of one task handed to Ray: its ObjectRef and what the runner knows of it.
 
@@ -721,20 +728,14 @@ class _RayRunner(TaskRunner):
             return crash
         if isinstance(error, self._system_error) and "deserializ" in (getattr(error, "traceback_str", "") or ""):
             inner = getattr(error, "client_exc", None)
-            unpickling = pickle.UnpicklingError(
-                f"task {token.name}: its result could not be unpickled in this process: {inner!r}"
-            )
-            unpickling.__cause__ = inner if isinstance(inner, BaseException) else error
-            return unpickling
+            return _unpickling_error(token, inner, inner if isinstance(inner, BaseException) else error)
         return error
 
     @staticmethod
     def _unfetchable(token: _RayTask, error: BaseException) -> BaseException:
         """The exception for a result that was ready but could not be had here."""
         if isinstance(error, (SystemExit, KeyboardInterrupt, pickle.UnpicklingError, AttributeError, ImportError)):
-            unpickling = pickle.UnpicklingError(f"task {token.name}: its result could not be unpickled in this process: {error!r}")
-            unpickling.__cause__ = error
-            return unpickling
+            return _unpickling_error(token, error, error)
         return error
 
     def _report(self, token: _RayTask, ok: bool, value: Any) -> None:
