@@ -51,7 +51,6 @@ When things go wrong
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import os
@@ -165,6 +164,38 @@ class TaskRunner(ABC):
         return {}
 
 
+class _FutureCondition(threading.Condition):
+    """The condition of one future: ``threading.Condition`` over a new ``RLock``, as
+    ``Future`` makes it, without the five bound methods that ``Condition.__init__``
+    copies onto every instance. A future per task makes those objects count: five of
+    the thirty or so that a trivial task keeps alive while it runs, and each one brings
+    Python's garbage collector closer to its next pass."""
+
+    def __init__(self) -> None:  # what Condition.__init__ does, less the copies
+        self._lock = threading.RLock()
+        self._waiters: Deque[Any] = deque()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        return self._lock.acquire(blocking, timeout)
+
+    def release(self) -> None:
+        self._lock.release()
+
+    # What Condition.wait needs of an RLock, which the base class would copy per instance.
+    def _release_save(self) -> Any:
+        return self._lock._release_save()  # type: ignore[attr-defined]
+
+    def _acquire_restore(self, state: Any) -> None:
+        self._lock._acquire_restore(state)  # type: ignore[attr-defined]
+
+    def _is_owned(self) -> bool:
+        return bool(self._lock._is_owned())  # type: ignore[attr-defined]
+
+
+#: Whether ``Future.__init__`` sets exactly the fields that ``TaskFuture.__init__`` sets.
+_KNOWN_FUTURE_FIELDS = set(vars(Future())) == {"_condition", "_state", "_result", "_exception", "_waiters", "_done_callbacks"}
+
+
 class TaskFuture(Future):
     """A ``Future`` that tells waiters of a cancellation at once, and that the executor
     can report as cancelled while it is running.
@@ -180,6 +211,18 @@ class TaskFuture(Future):
 
     _executor: Optional["ParallelExecutor"] = None
     _task: Optional["_Task"] = None
+
+    def __init__(self) -> None:
+        if not _KNOWN_FUTURE_FIELDS:  # a Python whose Future has fields not set here
+            super().__init__()
+            return
+        # Future.__init__ (the same in every Python from 3.6 to 3.13), with the lean condition.
+        self._condition = _FutureCondition()
+        self._state = PENDING
+        self._result = None
+        self._exception = None
+        self._waiters: List[Any] = []
+        self._done_callbacks: List[Any] = []
 
     def cancel(self) -> bool:
         if super().cancel():
@@ -241,6 +284,21 @@ class _Task:
         Dask would compute it again if that worker died)."""
         self.fn = self.args = self.kwargs = self.token = None
         self.future._executor = self.future._task = None
+
+
+class _Report:
+    """The callback a runner calls when one hand-over of one task ends: one small
+    object per task (a ``functools.partial`` of a bound method is three)."""
+
+    __slots__ = ("executor", "task", "generation")
+
+    def __init__(self, executor: "ParallelExecutor", task: _Task, generation: int) -> None:
+        self.executor = executor
+        self.task = task
+        self.generation = generation
+
+    def __call__(self, ok: bool, value: Any) -> None:
+        self.executor._finish(self.task, self.generation, ok, value)
 
 
 class _Chunk:
@@ -375,6 +433,7 @@ class ParallelExecutor(Executor):
         else:
             self._limit = max_workers * (2 if runner.enforces_bound(max_workers) else 1)
         runner.expect_in_flight(self._limit)
+        self._prepares = type(runner).prepare is not TaskRunner.prepare  # (the base one does nothing)
         self._can_withdraw = runner.can_withdraw(max_workers)
         # One lock guards the queue, the in-flight set and the shutdown flags. It is
         # never held while calling into the engine or completing a future.
@@ -430,7 +489,8 @@ class ParallelExecutor(Executor):
         if not callable(fn):
             raise TypeError(f"submit needs a callable; got {fn!r}")
         self._check_accepting()  # checked again under the lock; this spares prepare()
-        args, kwargs = self._runner.prepare(args, kwargs)
+        if self._prepares:
+            args, kwargs = self._runner.prepare(args, kwargs)
         if self._wraps_tasks:
             fn = InTask(fn, self._threads_per_task, self._log_level, self._origin_pid)
         task = _Task(fn, args, kwargs, options)
@@ -552,17 +612,18 @@ class ParallelExecutor(Executor):
         return ready
 
     def _hand_over(self, tasks: List[_Task]) -> None:
-        work = deque(tasks)
-        while work:
-            task = work.popleft()
+        i = 0
+        while i < len(tasks):  # grows when a refused task frees a slot: a loop, not recursion
+            task = tasks[i]
+            i += 1
             task.generation += 1
             generation = task.generation
             try:
                 token = self._runner.start(
-                    task.fn, task.args, task.kwargs, task.options, functools.partial(self._finish, task, generation)
+                    task.fn, task.args, task.kwargs, task.options, _Report(self, task, generation)
                 )
             except Exception as exc:  # the engine refused the task: report it there
-                work.extend(self._settle(task, generation, False, exc))  # a loop, not recursion
+                tasks.extend(self._settle(task, generation, False, exc))
                 continue
             with self._lock:
                 if task in self._in_flight and task.generation == generation:

@@ -23,6 +23,8 @@ import tempfile
 import threading
 from typing import Any, Callable, Dict, List, Set, Tuple
 
+from .in_task import InTask
+
 __all__ = ["StartLog", "LoggedCall"]
 
 _SEQ_WIDTH = 12  # digits of a start's sequence number in its thread
@@ -74,7 +76,18 @@ class LoggedCall:
         return self.fn(*self.args, **self.kwargs)
 
     def __reduce__(self) -> Tuple[Any, Tuple[Any, ...]]:
-        return LoggedCall, (self.folder, self.number, self.fn, self.args, self.kwargs)
+        fn = self.fn
+        if type(fn) is InTask:
+            # One object on the wire for both wrappers: each class a task names costs
+            # its pickling a module lookup (cloudpickle's), on the thread that feeds
+            # the workers, for every task.
+            return _logged_in_task, (self.folder, self.number, self.args, self.kwargs, *fn.__reduce__()[1])
+        return LoggedCall, (self.folder, self.number, fn, self.args, self.kwargs)
+
+
+def _logged_in_task(folder: str, number: int, args: Tuple[Any, ...], kwargs: Dict[str, Any], *in_task: Any) -> LoggedCall:
+    """A :class:`LoggedCall` of an :class:`InTask`, as its ``__reduce__`` flattened it."""
+    return LoggedCall(folder, number, InTask(*in_task), args, kwargs)
 
 
 class StartLog:

@@ -123,6 +123,18 @@ class LocalHandle:
         return f"LocalHandle({'ready' if self.done() else 'pending'})"
 
 
+def _has_handles(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> bool:
+    """Whether any of a task's arguments is a handle (checked per task: no allocation)."""
+    for value in args:
+        if type(value) is LocalHandle:
+            return True
+    if kwargs:
+        for value in kwargs.values():
+            if type(value) is LocalHandle:
+                return True
+    return False
+
+
 def _resolve(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
     """Replace handles among a task's arguments by their (ready) values."""
     if LocalHandle in map(type, args):
@@ -232,6 +244,9 @@ class _LokyPool:
 
     def start(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any], on_done: DoneCallback) -> Any:
         task = _LokyTask(self._log.call(fn, args, kwargs), on_done)
+        if not _has_handles(args, kwargs):
+            self._submit(task, resolved=True)
+            return task
         waiting = _unready_handles(args, kwargs)
         if waiting:  # a handle argument is resolved when the task can start, not before
             _when_ready(waiting, lambda: self._submit_when_ready(task))
@@ -253,9 +268,10 @@ class _LokyPool:
         except Exception as exc:  # no pool could be had: the task fails, nothing waits
             task.on_done(False, exc)
 
-    def _submit(self, task: _LokyTask) -> None:
+    def _submit(self, task: _LokyTask, resolved: bool = False) -> None:
         call = task.call
-        call.args, call.kwargs = _resolve(call.args, call.kwargs)
+        if not resolved:
+            call.args, call.kwargs = _resolve(call.args, call.kwargs)
         with self._lock:
             if task.withdrawn or task.stopped:
                 return
