@@ -302,3 +302,35 @@ def test_map_raises_a_tasks_own_timeout_error_at_its_item() -> None:
     engine.started[1].finish()
     with pytest.raises(TimeoutError, match="the task's own"):
         next(results)
+
+
+def test_futures_wake_every_kind_of_waiter() -> None:
+    """TaskFuture builds its condition itself (see _FutureCondition): result() with and
+    without a timeout, wait() and as_completed() from other threads must all still wake
+    when the task ends, and a time-out must still fire."""
+    engine = FakeEngine(bounds=True)
+    executor = ParallelExecutor(engine, max_workers=2, cancel_futures="NONE")
+    futures = [executor.submit(add, i, 1) for i in range(3)]
+    with pytest.raises(cf.TimeoutError):
+        futures[0].result(timeout=0.05)
+    seen: List[Any] = []
+    waiters = [
+        threading.Thread(target=lambda: seen.append(futures[0].result())),
+        threading.Thread(target=lambda: seen.append(futures[0].result(timeout=30))),
+        threading.Thread(target=lambda: seen.append(len(cf.wait(futures, timeout=30).done))),
+        threading.Thread(target=lambda: seen.append(sorted(f.result() for f in cf.as_completed(futures, timeout=30)))),
+    ]
+    for waiter in waiters:
+        waiter.start()
+    time.sleep(0.1)  # every waiter is waiting now
+    for token in list(engine.started):
+        token.finish()
+    for waiter in waiters:
+        waiter.join(30)
+    assert not any(waiter.is_alive() for waiter in waiters)
+    assert sorted(map(str, seen)) == sorted(map(str, [1, 1, 3, [1, 2, 3]]))
+    assert futures[0]._condition.acquire(timeout=1)  # the lock is free again, and re-entrant
+    assert futures[0]._condition.acquire(timeout=1)
+    futures[0]._condition.release()
+    futures[0]._condition.release()
+    executor.shutdown()

@@ -275,3 +275,19 @@ def test_a_bar_in_a_script_goes_to_stderr_not_stdout() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "25"
     assert "10/10" in result.stderr
+
+
+def test_a_logged_in_task_call_pickles_as_one_object_and_runs_the_same() -> None:
+    """The start log's wrapper of an InTask pickles flat (one class named, not two);
+    what arrives is the same call: number, cap, log level and arguments."""
+    import pickle
+
+    from parallel_hydra.in_task import InTask
+    from parallel_hydra.start_log import LoggedCall
+
+    call = LoggedCall("", 7, InTask(divmod, 3, logging.INFO, -1), (17, 5), {})
+    copy = pickle.loads(pickle.dumps(call))
+    assert type(copy) is LoggedCall and type(copy.fn) is InTask
+    assert (copy.number, copy.fn.fn, copy.fn.threads, copy.fn.log_level, copy.args) == (7, divmod, 3, logging.INFO, (17, 5))
+    assert copy() == (3, 2)
+    assert pickle.dumps(call).count(b"InTask") == 0  # flattened: only the rebuilding function is named
