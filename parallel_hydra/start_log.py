@@ -12,6 +12,9 @@ a task whose result was lost with its process (it finished, and the process star
 another before the result reached the caller) must count as started, or it would be
 run a second time.
 
+On Dask, where the scheduler may run a finished task a second time (see
+:func:`claim_run`), a task also claims its number in the same folder before it runs.
+
 Only for worker processes on this machine (a loky pool, a Dask ``LocalCluster``).
 """
 
@@ -25,7 +28,7 @@ from typing import Any, Callable, Dict, List, Set, Tuple
 
 from .in_task import InTask
 
-__all__ = ["StartLog", "LoggedCall"]
+__all__ = ["StartLog", "LoggedCall", "claim_run", "release_run"]
 
 _SEQ_WIDTH = 12  # digits of a start's sequence number in its thread
 _WIDTH = 20  # digits of a task number
@@ -88,6 +91,37 @@ class LoggedCall:
 def _logged_in_task(folder: str, number: int, args: Tuple[Any, ...], kwargs: Dict[str, Any], *in_task: Any) -> LoggedCall:
     """A :class:`LoggedCall` of an :class:`InTask`, as its ``__reduce__`` flattened it."""
     return LoggedCall(folder, number, InTask(*in_task), args, kwargs)
+
+
+def _ran_path(folder: str, number: int) -> str:
+    return os.path.join(folder, f"ran.{number}")
+
+
+def claim_run(folder: str, number: int) -> bool:
+    """In a worker, before task ``number`` runs: False if it has already run (and not raised).
+
+    Dask computes a finished task again when the only copy of its result was on a worker
+    that died before the result was fetched (it keeps what a client wants by lineage).
+    The claim is a file made only if it is not there: the second run finds it and does
+    not run. A task that raises gives its claim back (:func:`release_run`), so that
+    Dask's ``retries`` still run it again; the backend gives it back once it has the
+    outcome. Always True where the log is gone (its backend shut down).
+    """
+    try:
+        os.close(os.open(_ran_path(folder, number), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        return False
+    except OSError:
+        pass
+    return True
+
+
+def release_run(folder: str, number: int) -> None:
+    """Give back the claim of task ``number`` (see :func:`claim_run`)."""
+    try:
+        os.remove(_ran_path(folder, number))
+    except OSError:
+        pass
 
 
 class StartLog:

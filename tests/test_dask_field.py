@@ -28,7 +28,7 @@ from apps import MARKER, leftovers, wait_for_path, wait_until
 from dask_support import DaskTestCluster, _start_cluster, _stop_group
 from parallel_hydra import CancellationPolicy
 from parallel_hydra.backends.dask import DaskParallelBackend
-from parallel_hydra.errors import EngineLostError, WorkerCrashedError
+from parallel_hydra.errors import EngineLostError, NeighborCrashedError, WorkerCrashedError
 
 ROOT = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
@@ -51,6 +51,26 @@ def note_then_die(path: str, how: str) -> None:
         ctypes.string_at(0)
     if how == "sys.exit":
         sys.exit(4)
+
+
+def note_pid_then_return_when(path: str, go: str) -> int:
+    """Append this worker's pid to ``path`` (one line per run), wait for the file ``go``
+    to exist, then return the pid."""
+    with open(path, "a") as notes:
+        notes.write(f"{os.getpid()}\n")
+    end = time.monotonic() + 60
+    while not os.path.exists(go) and time.monotonic() < end:
+        time.sleep(0.01)
+    return os.getpid()
+
+
+def fail_the_first_time(path: str) -> str:
+    """Raise on the first run (noted in ``path``), succeed on the next."""
+    with open(path, "a") as notes:
+        notes.write("ran\n")
+    if len(Path(path).read_text().splitlines()) == 1:
+        raise ValueError("first run")
+    return "second run"
 
 
 def append_line(path: str, line: str) -> str:
@@ -213,6 +233,45 @@ def test_running_policy_does_not_run_finished_tasks_again(dask_backend: DaskPara
     time.sleep(1.0)  # a recomputation would have started by now
     assert dask_backend.effective_n_jobs(-1) == 2
     assert sorted(_lines(notes)) == ["x0", "x1"]
+
+
+def test_a_finished_task_whose_result_died_with_its_worker_is_not_run_again(tmp_path: Path) -> None:
+    """Dask computes a finished task again when the worker holding its only result dies
+    before the client fetched it. Here the client's event loop is held while the task
+    ends and its worker is killed: the second run must refuse, and say why."""
+    notes, go = tmp_path / "notes", tmp_path / "go"
+    released, holding = threading.Event(), threading.Event()
+
+    def hold_the_loop() -> None:  # runs on the client's event loop: nothing reaches the client meanwhile
+        holding.set()
+        released.wait(30)
+
+    with DaskParallelBackend(n_cpus=2) as backend, backend.executor(cancel_futures="NONE") as executor:
+        future = executor.submit(note_pid_then_return_when, str(notes), str(go))
+        assert wait_until(lambda: len(_lines(notes)) == 1, 60)
+        pid = int(_lines(notes)[0])
+        backend.client.loop.add_callback(hold_the_loop)
+        try:
+            assert holding.wait(10)
+            go.touch()  # the task ends; its result stays on its worker
+            time.sleep(1.0)
+            os.kill(pid, signal.SIGKILL)
+            time.sleep(3.0)  # the scheduler hears of the death and computes the task again
+        finally:
+            released.set()
+        error = future.exception(timeout=60)
+        assert isinstance(error, NeighborCrashedError), repr(error)
+        assert "not run a second time" in str(error)
+    assert _lines(notes) == [str(pid)]  # it ran once
+
+
+def test_a_task_that_raised_is_still_run_again_by_dasks_retries(tmp_path: Path) -> None:
+    """The claim that stops a second run of a finished task is given back when the task
+    raises: ``retries`` runs it again, as Dask users expect."""
+    notes = tmp_path / "notes"
+    with DaskParallelBackend(n_cpus=2) as backend, backend.executor() as executor:
+        assert executor.with_options(retries=1).submit(fail_the_first_time, str(notes)).result(timeout=60) == "second run"
+    assert _lines(notes) == ["ran", "ran"]
 
 
 # -- 4. what cannot be pickled ------------------------------------------------------

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, 
 from ...config import DaskTaskOptions
 from ...errors import NeighborCrashedError, WorkerCrashedError
 from ...executor import DoneCallback, TaskRunner
-from ...start_log import LoggedCall, StartLog
+from ...start_log import LoggedCall, StartLog, claim_run, release_run
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from . import distributed
@@ -160,11 +160,23 @@ def _run_logged(folder: str, number: int, fn: Callable[..., Any], args: List[Any
     counts as running: a result that cannot be pickled becomes that task's failure, and
     one whose pickling kills the worker is a crash of this task. Dask would otherwise
     pickle it only when the result is fetched, and compute it again after every such
-    crash, without end.
+    crash, without end. A task that has started is not run again when Dask computes it
+    a second time because the worker holding its result died before the result was
+    fetched (:func:`~parallel_hydra.start_log.claim_run`): it fails with
+    ``NeighborCrashedError`` instead.
     """
     from distributed.protocol import pickle as dask_pickle
 
-    result = LoggedCall(folder, number, fn, tuple(args), kwargs)()
+    if not claim_run(folder, number):
+        raise NeighborCrashedError(
+            f"task {_name_of(fn)} had already run on a Dask worker whose process died before the result was "
+            f"fetched; Dask computed it again, and it is not run a second time: it may have had effects"
+        )
+    try:
+        result = LoggedCall(folder, number, fn, tuple(args), kwargs)()
+    except BaseException:
+        release_run(folder, number)  # it failed: Dask's own retries may run it again
+        raise
     try:
         return _PickledResult(dask_pickle.dumps(result))
     except Exception as exc:
@@ -370,6 +382,8 @@ class _DaskRunner(TaskRunner):
             if value is None:  # submitted again
                 return
         on_done = task.on_done
+        if self._log is not None:
+            release_run(self._log.folder, task.number)  # the outcome is in: no claim left behind
         task.release()
         on_done(ok, value)
 
