@@ -192,8 +192,12 @@ class _FutureCondition(threading.Condition):
         return bool(self._lock._is_owned())  # type: ignore[attr-defined]
 
 
-#: Whether ``Future.__init__`` sets exactly the fields that ``TaskFuture.__init__`` sets.
-_KNOWN_FUTURE_FIELDS = set(vars(Future())) == {"_condition", "_state", "_result", "_exception", "_waiters", "_done_callbacks"}
+#: Whether ``Future.__init__`` sets exactly the fields that ``TaskFuture.__init__`` sets,
+#: and ``Condition.__init__`` those that ``_FutureCondition`` stands in for (Pythons 3.6 to
+#: 3.13 do); if not, a TaskFuture is built the standard way.
+_KNOWN_FUTURE_FIELDS = set(vars(Future())) == {"_condition", "_state", "_result", "_exception", "_waiters", "_done_callbacks"} and set(
+    vars(threading.Condition())
+) == {"_lock", "acquire", "release", "_release_save", "_acquire_restore", "_is_owned", "_waiters"}
 
 
 class TaskFuture(Future):

@@ -24,11 +24,13 @@ import os
 import shutil
 import tempfile
 import threading
-from typing import Any, Callable, Dict, List, Set, Tuple
+import time
+from collections import deque
+from typing import Any, Callable, Deque, Dict, List, Set, Tuple
 
 from .in_task import InTask
 
-__all__ = ["StartLog", "LoggedCall", "claim_run", "release_run"]
+__all__ = ["StartLog", "LoggedCall", "note_start", "claim_run", "release_run", "has_claim"]
 
 _SEQ_WIDTH = 12  # digits of a start's sequence number in its thread
 _WIDTH = 20  # digits of a task number
@@ -53,6 +55,14 @@ def _record(folder: str, number: int) -> None:
     os.pwrite(record[0], b"%*d%*d" % (_SEQ_WIDTH, seq, _WIDTH, number), (seq % _SLOTS) * _ENTRY)
 
 
+def note_start(folder: str, number: int) -> None:
+    """In a worker: record in ``folder`` that this thread starts task ``number`` now."""
+    try:
+        _record(folder, number)
+    except OSError:  # the log is gone (its backend shut down): run all the same
+        pass
+
+
 class LoggedCall:
     """``fn(*args, **kwargs)``, recorded in ``folder`` as task ``number`` when it starts
     (not recorded where ``folder`` is empty).
@@ -71,11 +81,8 @@ class LoggedCall:
         self.kwargs = kwargs
 
     def __call__(self) -> Any:
-        try:
-            if self.folder:
-                _record(self.folder, self.number)
-        except OSError:  # the log is gone (its backend shut down): run all the same
-            pass
+        if self.folder:
+            note_start(self.folder, self.number)
         return self.fn(*self.args, **self.kwargs)
 
     def __reduce__(self) -> Tuple[Any, Tuple[Any, ...]]:
@@ -98,14 +105,17 @@ def _ran_path(folder: str, number: int) -> str:
 
 
 def claim_run(folder: str, number: int) -> bool:
-    """In a worker, before task ``number`` runs: False if it has already run (and not raised).
+    """In a worker, once task ``number``'s start is noted and before it runs: False if
+    it has started before (and did not raise).
 
     Dask computes a finished task again when the only copy of its result was on a worker
     that died before the result was fetched (it keeps what a client wants by lineage).
-    The claim is a file made only if it is not there: the second run finds it and does
-    not run. A task that raises gives its claim back (:func:`release_run`), so that
-    Dask's ``retries`` still run it again; the backend gives it back once it has the
-    outcome. Always True where the log is gone (its backend shut down).
+    The claim is a file ``ran.<number>`` made only if it is not there: the second run
+    finds it and does not run. A task that raises gives its claim back
+    (:func:`release_run`), so that Dask's ``retries`` still run it again; the backend
+    gives the others back once it is done with the task (:meth:`StartLog.give_back`).
+    True where the file cannot be made at all (the log is gone, ``/dev/shm`` is full):
+    the task then runs unguarded rather than not at all.
     """
     try:
         os.close(os.open(_ran_path(folder, number), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
@@ -124,6 +134,17 @@ def release_run(folder: str, number: int) -> None:
         pass
 
 
+def has_claim(folder: str, number: int) -> bool:
+    """Whether task ``number`` has claimed its run (it started, and did not raise)."""
+    return os.path.exists(_ran_path(folder, number))
+
+
+#: Seconds a finished task's claim outlives its result here: until the scheduler has
+#: heard that no client wants the task any more, a worker's death could still make Dask
+#: compute it again.
+CLAIM_GRACE = 10.0
+
+
 class StartLog:
     """A folder of records, one per worker thread: the numbers of the tasks it started lately."""
 
@@ -133,6 +154,7 @@ class StartLog:
         self.folder = tempfile.mkdtemp(prefix="parallel_hydra_starts_", dir=base)
         self._lock = threading.Lock()
         self._next = 0
+        self._claims_due: Deque[Tuple[float, int]] = deque()  # (when, number) to give back
 
     def call(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> LoggedCall:
         """A new numbered call of ``fn``; its number is ``call.number``."""
@@ -140,6 +162,21 @@ class StartLog:
             self._next += 1
             number = self._next
         return LoggedCall(self.folder, number, fn, args, kwargs)
+
+    def give_back(self, number: int, later: bool = False) -> None:
+        """Give back task ``number``'s claim (:func:`claim_run`): now, or ``CLAIM_GRACE``
+        seconds from now (``later``). Claims that have come due go back on each call."""
+        now = time.monotonic()
+        due = []
+        with self._lock:
+            if later:
+                self._claims_due.append((now + CLAIM_GRACE, number))
+            else:
+                due.append(number)
+            while self._claims_due and self._claims_due[0][0] <= now:
+                due.append(self._claims_due.popleft()[1])
+        for n in due:
+            release_run(self.folder, n)
 
     def started_by(self, pid: int) -> Set[int]:
         """The numbers of the tasks that the threads of process ``pid`` started last."""

@@ -224,8 +224,14 @@ def test_a_keyword_argument_named_func_reaches_the_task(dask_backend: DaskParall
 def test_running_policy_does_not_run_finished_tasks_again(dask_backend: DaskParallelBackend, tmp_path: Path) -> None:
     notes = tmp_path / "notes"
     beats = [tmp_path / "beat0", tmp_path / "beat1"]
+    folder = dask_backend._start_log.folder
+
+    def claims() -> set:
+        return {name for name in os.listdir(folder) if name.startswith("ran.")}
+
     with dask_backend.executor(max_workers=2, cancel_futures=CancellationPolicy.RUNNING) as executor:
         assert [f.result(timeout=60) for f in [executor.submit(append_line, str(notes), f"x{i}") for i in range(2)]] == ["x0", "x1"]
+        before = claims()
         for beat in beats:  # one long task on each worker: both workers get killed
             executor.submit(tasks.heartbeat, str(beat), 60.0)
         for beat in beats:
@@ -233,6 +239,7 @@ def test_running_policy_does_not_run_finished_tasks_again(dask_backend: DaskPara
     time.sleep(1.0)  # a recomputation would have started by now
     assert dask_backend.effective_n_jobs(-1) == 2
     assert sorted(_lines(notes)) == ["x0", "x1"]
+    assert claims() - before == set()  # the stopped tasks gave their claims back
 
 
 def test_a_finished_task_whose_result_died_with_its_worker_is_not_run_again(tmp_path: Path) -> None:

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, 
 from ...config import DaskTaskOptions
 from ...errors import NeighborCrashedError, WorkerCrashedError
 from ...executor import DoneCallback, TaskRunner
-from ...start_log import LoggedCall, StartLog, claim_run, release_run
+from ...start_log import StartLog, claim_run, has_claim, note_start, release_run
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from . import distributed
@@ -167,13 +167,17 @@ def _run_logged(folder: str, number: int, fn: Callable[..., Any], args: List[Any
     """
     from distributed.protocol import pickle as dask_pickle
 
+    # The start is noted before the claim is made: a process that dies between the two
+    # is seen to have started the task, which is then not submitted again (and so never
+    # refused for a run that did not happen).
+    note_start(folder, number)
     if not claim_run(folder, number):
         raise NeighborCrashedError(
-            f"task {_name_of(fn)} had already run on a Dask worker whose process died before the result was "
-            f"fetched; Dask computed it again, and it is not run a second time: it may have had effects"
+            f"task {_name_of(fn)} had already started on a Dask worker whose process died (or left) before "
+            f"the result was fetched; Dask ran it again, and it is not run a second time: it may have had effects"
         )
     try:
-        result = LoggedCall(folder, number, fn, tuple(args), kwargs)()
+        result = fn(*args, **kwargs)
     except BaseException:
         release_run(folder, number)  # it failed: Dask's own retries may run it again
         raise
@@ -382,8 +386,8 @@ class _DaskRunner(TaskRunner):
             if value is None:  # submitted again
                 return
         on_done = task.on_done
-        if self._log is not None:
-            release_run(self._log.folder, task.number)  # the outcome is in: no claim left behind
+        if self._log is not None:  # no claim left behind; a result's, once Dask has let the task go
+            self._log.give_back(task.number, later=ok)
         task.release()
         on_done(ok, value)
 
@@ -466,8 +470,15 @@ class _DaskRunner(TaskRunner):
     # -- taking tasks back --------------------------------------------------------
 
     def withdraw(self, tokens: List[Any]) -> List[bool]:
+        # A task that has claimed its run started (or finished, and Dask is computing it
+        # again after its result was lost): not Dask's to give back as never started.
+        log = self._log
+        ran = {id(t) for t in tokens if t is not None and log is not None and has_claim(log.folder, t.number)}
         with self._lock:
-            asked = [t for t in tokens if t is not None and t.future is not None and not t.withdrawn and not t.stopped]
+            asked = [
+                t for t in tokens
+                if t is not None and t.future is not None and not t.withdrawn and not t.stopped and id(t) not in ran
+            ]
             # Marked before asking: the cancellation may reach the client before the answer.
             for t in asked:
                 t.withdrawn = True
@@ -506,3 +517,7 @@ class _DaskRunner(TaskRunner):
                     futures.append(t.future)
                 t.release()
         self._workers.stop_tasks(futures)
+        if self._log is not None:  # the tasks are over: their claims go too
+            for t in tokens:
+                if t is not None:
+                    self._log.give_back(t.number)
