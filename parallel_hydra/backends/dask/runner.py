@@ -385,10 +385,13 @@ class _DaskRunner(TaskRunner):
             value = self._translate(task, value)
             if value is None:  # submitted again
                 return
-        on_done = task.on_done
+        with self._lock:  # stop() may have let the task go meanwhile: its future is settled then
+            on_done = task.on_done
+            if on_done is None or task.stopped:
+                return
+            task.release()
         if self._log is not None:  # no claim left behind; a result's, once Dask has let the task go
             self._log.give_back(task.number, later=ok)
-        task.release()
         on_done(ok, value)
 
     @staticmethod
