@@ -137,9 +137,10 @@ def _has_handles(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> bool:
 
 def _resolve(args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
     """Replace handles among a task's arguments by their (ready) values."""
-    if LocalHandle in map(type, args):
-        args = tuple(a.for_task() if isinstance(a, LocalHandle) else a for a in args)
-    if kwargs and LocalHandle in map(type, kwargs.values()):
+    if not _has_handles(args, kwargs):
+        return args, kwargs
+    args = tuple(a.for_task() if isinstance(a, LocalHandle) else a for a in args)
+    if kwargs:
         kwargs = {k: v.for_task() if isinstance(v, LocalHandle) else v for k, v in kwargs.items()}
     return args, kwargs
 
