@@ -411,3 +411,29 @@ def test_a_dead_local_runtime_fails_the_futures_and_the_app_ends(policy: str, tm
         except psutil.Error:
             pass
     assert not left, f"processes of the dead runtime still run: {left}"
+
+
+def test_a_task_handed_over_while_the_backend_shuts_down_does_not_run_on_unwatched(
+    ray_backend: RayParallelBackend, tmp_path: Path
+) -> None:
+    # The race: the backend closes its reaper (shutdown) after the runner gave Ray the
+    # task but before the reaper took it. Ray must not run it on with nobody to hear it.
+    from parallel_hydra.backends.ray_reaper import BatchReaper
+
+    beat = tmp_path / "beat"
+    executor = ray_backend.executor(max_workers=2, cancel_futures="NONE")
+    try:
+        assert executor._runner._reaper is not None
+        closed = BatchReaper(ray_backend._ray)
+        closed.close()
+        executor._runner._reaper = closed
+        future = executor.submit(tasks.heartbeat, str(beat), 30.0)
+        error = future.exception(timeout=30)
+        assert isinstance(error, RuntimeError) and "shut down" in str(error), repr(error)
+        assert not executor._runner._live, "the refused task is still counted as live"
+        beat.unlink(missing_ok=True)
+        time.sleep(1.0)
+        assert not beat.exists(), "the refused task is still running"
+    finally:
+        executor._runner._reaper = None
+        executor.shutdown(cancel_futures="ALL")

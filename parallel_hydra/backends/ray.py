@@ -679,7 +679,16 @@ class _RayRunner(TaskRunner):
                 self._report(token, False, exc)
 
         if self._reaper is not None:
-            self._reaper.add(token, completed, lambda exc: self._report(token, False, self._unfetchable(token, exc)))
+            try:
+                self._reaper.add(token, completed, lambda exc: self._report(token, False, self._unfetchable(token, exc)))
+            except RuntimeError:
+                # The backend shut down between the submission and here: nothing would
+                # hear of this task's end, so it must not run on unwatched.
+                try:
+                    self.stop([token])
+                except Exception as exc:  # Ray itself is already gone: so is the task
+                    logger.debug("could not stop a task refused at shutdown: %s", exc)
+                raise
             return token
         on_completed = getattr(ref, "_on_completed", None)
         if on_completed is not None:
