@@ -199,14 +199,19 @@ def test_a_task_that_kills_its_worker_fails_alone_and_at_once(
     assert dask_backend.effective_n_jobs(-1) == 2
 
 
-def test_a_killed_worker_on_a_cluster_by_address_is_a_worker_crash(own_cluster: DaskTestCluster, tmp_path: Path) -> None:
+def test_a_killed_worker_on_a_cluster_by_address_is_a_worker_crash_and_its_task_runs_once(
+    own_cluster: DaskTestCluster, tmp_path: Path
+) -> None:
+    """Dask gives a task whose worker died to another worker (allowed-failures times);
+    the task had started, so the scheduler's claim makes that second run refuse."""
     notes = tmp_path / "notes"
     with DaskParallelBackend(address=own_cluster.address, connect_timeout=30) as backend:
         with backend.executor(max_workers=2) as executor:
             error = executor.submit(note_then_die, str(notes), "os._exit").exception(timeout=120)
             assert isinstance(error, WorkerCrashedError), repr(error)
-            assert "note_then_die" in str(error) and "allowed-failures" in str(error)
-            assert type(error.__cause__).__name__ == "KilledWorker"
+            assert "note_then_die" in str(error) and "not run a second time" in str(error)
+            assert executor.submit(tasks.add, 1, 2).result(timeout=60) == 3
+    assert _lines(notes) == ["ran"]  # once, not once per allowed failure
 
 
 def test_a_keyword_argument_named_func_reaches_the_task(dask_backend: DaskParallelBackend, dask_cluster_address: str) -> None:
@@ -272,13 +277,46 @@ def test_a_finished_task_whose_result_died_with_its_worker_is_not_run_again(tmp_
     assert _lines(notes) == [str(pid)]  # it ran once
 
 
-def test_a_task_that_raised_is_still_run_again_by_dasks_retries(tmp_path: Path) -> None:
+def test_a_finished_task_whose_result_died_with_its_worker_on_a_cluster_by_address_is_not_run_again(
+    own_cluster: DaskTestCluster, tmp_path: Path
+) -> None:
+    """The same on a cluster the backend only joined: the claim is kept by the scheduler."""
+    notes, go = tmp_path / "notes", tmp_path / "go"
+    released, holding = threading.Event(), threading.Event()
+
+    def hold_the_loop() -> None:
+        holding.set()
+        released.wait(30)
+
+    with DaskParallelBackend(address=own_cluster.address, connect_timeout=30) as backend:
+        with backend.executor(cancel_futures="NONE") as executor:
+            future = executor.submit(note_pid_then_return_when, str(notes), str(go))
+            assert wait_until(lambda: len(_lines(notes)) == 1, 60)
+            pid = int(_lines(notes)[0])
+            backend.client.loop.add_callback(hold_the_loop)
+            try:
+                assert holding.wait(10)
+                go.touch()
+                time.sleep(1.0)
+                os.kill(pid, signal.SIGKILL)
+                time.sleep(3.0)
+            finally:
+                released.set()
+            error = future.exception(timeout=60)
+            assert isinstance(error, WorkerCrashedError), repr(error)
+            assert "not run a second time" in str(error)
+    assert _lines(notes) == [str(pid)]
+
+
+def test_a_task_that_raised_is_still_run_again_by_dasks_retries(tmp_path: Path, dask_cluster_address: str) -> None:
     """The claim that stops a second run of a finished task is given back when the task
-    raises: ``retries`` runs it again, as Dask users expect."""
-    notes = tmp_path / "notes"
-    with DaskParallelBackend(n_cpus=2) as backend, backend.executor() as executor:
-        assert executor.with_options(retries=1).submit(fail_the_first_time, str(notes)).result(timeout=60) == "second run"
-    assert _lines(notes) == ["ran", "ran"]
+    raises: ``retries`` runs it again, as Dask users expect (claims in files on a cluster
+    the backend started, on the scheduler of one it joined)."""
+    for name, config in (("owned", {"n_cpus": 2}), ("joined", {"address": dask_cluster_address})):
+        notes = tmp_path / f"notes-{name}"
+        with DaskParallelBackend(**config) as backend, backend.executor() as executor:
+            assert executor.with_options(retries=1).submit(fail_the_first_time, str(notes)).result(timeout=60) == "second run"
+        assert _lines(notes) == ["ran", "ran"], name
 
 
 # -- 4. what cannot be pickled ------------------------------------------------------

@@ -25,6 +25,7 @@ from ..network import split_host_port, wait_for_listener
 from joblib._dask import DaskDistributedBackend
 
 from . import distributed
+from .claims import SchedulerClaims
 from .runner import QuietTaskFailures, _DaskRunner, _merge_options, _submit
 from .workers import OwnedWorkers, Workers, close_local_cluster, start_local_cluster
 
@@ -135,6 +136,9 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
         self._layout: Optional[Tuple[int, int]] = None
         # Which tasks each worker process started: only for worker processes we start.
         self._start_log: Optional[StartLog] = None
+        # Where workers are not this machine's processes, the scheduler keeps the claims
+        # that stop Dask from running a started task a second time (see claims.py).
+        self._claims: Optional[SchedulerClaims] = None
         # The batch cluster (dask-jobqueue) this backend started, if any (see jobqueue.py).
         self._batch: Optional[Any] = None
         self._address = self.config.address or "a local cluster"
@@ -148,6 +152,8 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
         else:
             self._connect(self.config.address)
         self._quiet_task_failures()
+        if self.config.address is not None or self._batch is not None:
+            self._claims = SchedulerClaims.install(self.client, self._address)
 
     def _quiet_task_failures(self) -> None:
         """Workers, also those that join later, stop logging our tasks' exceptions."""
@@ -229,6 +235,8 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
     def _stop(self) -> None:
         client, cluster = self.client, self.cluster
         try:
+            if self._claims is not None and self._engine_alive():
+                self._claims.close()
             if client is not None:
                 # A client whose scheduler is gone would wait for it the whole timeout.
                 timeout = max(10.0, self.config.wait_timeout) if self._engine_alive() else 2.0

@@ -32,6 +32,7 @@ from ...start_log import StartLog, claim_run, has_claim, note_start, release_run
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from . import distributed
+from .claims import SchedulerClaims, run_claimed
 from .workers import _how_it_died
 
 if TYPE_CHECKING:
@@ -261,7 +262,7 @@ async def _watch(client: Any, future: Any, report: Callable[[Any, bool, Any], No
 class _DaskTask:
     """The token of one task of an executor: what to run, and its current Dask future."""
 
-    __slots__ = ("fn", "args", "kwargs", "options", "on_done", "number", "future", "key", "resubmits", "withdrawn", "stopped", "held")
+    __slots__ = ("fn", "args", "kwargs", "options", "on_done", "number", "claim", "future", "key", "resubmits", "withdrawn", "stopped", "held")
 
     def __init__(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any], options: Dict[str, Any], on_done: DoneCallback) -> None:
         self.fn: Any = fn
@@ -270,6 +271,7 @@ class _DaskTask:
         self.options = options
         self.on_done: Any = on_done
         self.number = 0  # in the start log; 0 where none is kept
+        self.claim = ""  # its run's name on the scheduler, where claims are kept there
         self.future: Any = None
         self.key: Any = None
         self.resubmits = 0
@@ -300,6 +302,7 @@ class _DaskRunner(TaskRunner):
         self._client = backend.client
         self._workers = backend._workers
         self._log: Optional[StartLog] = backend._start_log
+        self._claims: Optional[SchedulerClaims] = backend._claims
         self._base: Dict[str, Any] = _merge_options(backend.config.task, {})
         self._lock = threading.Lock()
 
@@ -341,6 +344,8 @@ class _DaskRunner(TaskRunner):
         task = _DaskTask(fn, args, kwargs, self._options(options), on_done)
         if self._log is not None:
             task.number = self._log.call(fn, (), {}).number
+        elif self._claims is not None:
+            task.claim = self._claims.new_name()
         self._submit(task)
         return task
 
@@ -352,6 +357,10 @@ class _DaskRunner(TaskRunner):
                 future = client.submit(
                     _run_logged, self._log.folder, task.number, task.fn, list(task.args), dict(task.kwargs),
                     pure=False, **task.options,
+                )
+            elif self._claims is not None:
+                future = client.submit(
+                    run_claimed, task.claim, task.fn, list(task.args), dict(task.kwargs), pure=False, **task.options
                 )
             else:
                 future = _submit(client, task.fn, task.args, task.kwargs, task.options)
@@ -390,9 +399,14 @@ class _DaskRunner(TaskRunner):
             if on_done is None or task.stopped:
                 return
             task.release()
-        if self._log is not None:  # no claim left behind; a result's, once Dask has let the task go
-            self._log.give_back(task.number, later=ok)
+        self._give_back(task, later=ok)  # no claim left behind; a result's, once Dask has let the task go
         on_done(ok, value)
+
+    def _give_back(self, task: _DaskTask, later: bool = False) -> None:
+        if self._log is not None:
+            self._log.give_back(task.number, later=later)
+        elif self._claims is not None and task.claim:
+            self._claims.give_back(task.claim, later=later)
 
     @staticmethod
     def _unpack(task: _DaskTask, value: Any) -> Tuple[bool, Any]:
@@ -475,8 +489,14 @@ class _DaskRunner(TaskRunner):
     def withdraw(self, tokens: List[Any]) -> List[bool]:
         # A task that has claimed its run started (or finished, and Dask is computing it
         # again after its result was lost): not Dask's to give back as never started.
-        log = self._log
-        ran = {id(t) for t in tokens if t is not None and log is not None and has_claim(log.folder, t.number)}
+        log, claims = self._log, self._claims
+        if log is not None:
+            ran = {id(t) for t in tokens if t is not None and has_claim(log.folder, t.number)}
+        elif claims is not None:
+            held = claims.held(t.claim for t in tokens if t is not None and t.future is not None)
+            ran = {id(t) for t in tokens if t is not None and t.claim in held}
+        else:
+            ran = set()
         with self._lock:
             asked = [
                 t for t in tokens
@@ -520,7 +540,6 @@ class _DaskRunner(TaskRunner):
                     futures.append(t.future)
                 t.release()
         self._workers.stop_tasks(futures)
-        if self._log is not None:  # the tasks are over: their claims go too
-            for t in tokens:
-                if t is not None:
-                    self._log.give_back(t.number)
+        for t in tokens:  # the tasks are over: their claims go too
+            if t is not None:
+                self._give_back(t)
