@@ -175,7 +175,8 @@ class BaseParallelBackend(ABC):
         ----------
         max_workers
             At most this many tasks run at once; ``None`` means every CPU the backend
-            has. Capped like :meth:`effective_n_jobs`.
+            has (with no ``n_cpus`` in the config, every CPU of a cluster joined by
+            ``address``, also those that join later). Capped like :meth:`effective_n_jobs`.
         config
             Accepted for compatibility with the classmethod form of the API; only its
             ``cancel_futures`` is used, when ``cancel_futures`` is not given.
@@ -206,6 +207,7 @@ class BaseParallelBackend(ABC):
             threads_per_task=self.threads_per_task(n, slots),
             log_level=self.config.logging_level,
             progress=self.config.progress,
+            engine_sized=max_workers is None and self.config.n_cpus is None,
         )
         self._executors.add(executor)
         return executor

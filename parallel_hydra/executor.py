@@ -402,6 +402,13 @@ class ParallelExecutor(Executor):
         (``None``: nothing is captured).
     progress
         Whether ``map`` shows a progress bar unless told otherwise.
+    engine_sized
+        ``max_workers`` only says how large the engine is now, not a bound of the
+        caller's (no ``max_workers`` and no ``n_cpus`` were given): the engine's own
+        size is the bound, also when it grows (a cluster joined by ``address`` that
+        gains workers). Under a policy that never cancels pending tasks the executor
+        then hands the engine every task at once, as the engine's own ``submit`` does,
+        instead of waiting for one task to end before handing over the next.
     """
 
     def __init__(
@@ -414,6 +421,7 @@ class ParallelExecutor(Executor):
         threads_per_task: Optional[int] = None,
         log_level: Optional[int] = None,
         progress: bool = False,
+        engine_sized: bool = False,
     ) -> None:
         require_integer("max_workers", max_workers, minimum=1)
         require_integer("threads_per_task", threads_per_task, minimum=1, none="None")
@@ -427,7 +435,7 @@ class ParallelExecutor(Executor):
         self._policy = as_policy(cancel_futures)
         self._wait_timeout = wait_timeout
         if runner.keeps_own_queue(max_workers) or (
-            runner.enforces_bound(max_workers) and CancellationPolicy.PENDING not in self._policy
+            (engine_sized or runner.enforces_bound(max_workers)) and CancellationPolicy.PENDING not in self._policy
         ):
             # Nothing to hold back: the engine queues what it cannot run yet, and
             # either can take it back (its own queue) or the policy never cancels

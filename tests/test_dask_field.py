@@ -214,6 +214,26 @@ def test_a_killed_worker_on_a_cluster_by_address_is_a_worker_crash_and_its_task_
     assert _lines(notes) == ["ran"]  # once, not once per allowed failure
 
 
+def test_an_executor_of_a_whole_joined_cluster_hands_dask_every_task_at_once(
+    dask_cluster_address: str, tmp_path: Path
+) -> None:
+    """With no max_workers and no n_cpus, the cluster's own size is the bound: under
+    NONE every task goes to the scheduler at once (no round trip per task), as with
+    Dask's own submit. A max_workers of the caller's is still kept."""
+    with DaskParallelBackend(address=dask_cluster_address, connect_timeout=30) as backend:
+        for max_workers, handed in ((None, 6), (2, 2)):
+            gate = tmp_path / f"gate-{max_workers}"
+            with backend.executor(max_workers=max_workers, cancel_futures="NONE") as executor:
+                futures = [executor.submit(tasks.wait_for_file, str(gate), 60.0, i) for i in range(6)]
+                try:
+                    assert wait_until(lambda: len(backend.client.futures) >= handed, 10)
+                    time.sleep(0.5)
+                    assert len(backend.client.futures) == handed, (max_workers, len(backend.client.futures))
+                finally:
+                    gate.touch()
+                assert [f.result(timeout=60) for f in futures] == list(range(6))
+
+
 def test_a_keyword_argument_named_func_reaches_the_task(dask_backend: DaskParallelBackend, dask_cluster_address: str) -> None:
     with dask_backend.executor() as executor:
         assert executor.submit(takes_func, 1, func=2, key=3, pure=4).result(timeout=60) == 10

@@ -256,6 +256,16 @@ def test_only_a_runtime_started_here_enforces_the_bound(ray_backend: RayParallel
                 assert not sharing._task_runner(2).enforces_bound(10**6), "a shared joined cluster enforces the bound?"
             with backend.executor(max_workers=2) as executor:
                 assert executor.submit(pow, 2, 5).result(timeout=60) == 32
+            # No max_workers and no n_cpus: the cluster's own size is the bound, so under
+            # NONE every task goes to Ray at once; a max_workers of the caller's is kept.
+            import math
+            with backend.executor(cancel_futures="NONE") as whole:
+                assert whole._limit == math.inf, whole._limit
+                assert list(whole.map(pow, [2] * 20, range(20), chunksize=1)) == [2**i for i in range(20)]
+            with backend.executor(max_workers=2, cancel_futures="NONE") as capped:
+                assert capped._limit == 2, capped._limit
+            with backend.executor() as pending:  # PENDING: tasks are held back to be cancellable
+                assert pending._limit < math.inf, pending._limit
         print("OK")
         """
     )
