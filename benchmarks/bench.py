@@ -27,6 +27,11 @@ For each engine, in one process:
   ``joblib.Parallel(n_jobs=2)`` on the same items, each in a process of its own, so that
   its time and peak memory (RSS of the submitting process) are its own.
 
+With ``--dask-address``, also a Dask cluster the backend only joins (start one with
+``dask scheduler --host 127.0.0.1 --port 8786`` and ``dask worker tcp://127.0.0.1:8786
+--nworkers 2 --nthreads 1``): ours with no ``max_workers`` (the whole cluster), with
+``max_workers=2``, and under ``PENDING``, against ``client.submit`` + ``result``.
+
 Goals: ours/raw <= 1.10 under NONE and ours/(raw, same bound) <= 1.10 under PENDING;
 cold within 1.15 of raw and cold/warm < 1.1; large map on Dask within 3x of
 joblib.Parallel's time and 2x its peak memory; sleep <= 1.05 x ideal.
@@ -253,6 +258,40 @@ def bench_engine(engine: str, n: int, rounds: int) -> List[str]:
     return lines
 
 
+def bench_joined_dask(address: str, n: int, rounds: int) -> List[str]:
+    """Our executor on a Dask cluster it only joined, against Dask's own submit."""
+    lines = []
+    with init_parallel_backend({"backend": "dask", "address": address}) as backend:
+        client = backend.client
+        whole = backend.executor(cancel_futures="NONE")
+        capped = backend.executor(max_workers=WORKERS, cancel_futures="NONE")
+        pending = backend.executor(cancel_futures="PENDING")
+        with whole, capped, pending:
+            for executor in (whole, capped, pending):
+                collect(executor, 10)
+            times = alternate_rounds(
+                {
+                    "ours NONE, whole cluster": lambda: collect(whole, n),
+                    f"ours NONE, max_workers={WORKERS}": lambda: collect(capped, n),
+                    "ours PENDING, whole": lambda: collect(pending, n),
+                    "raw": lambda: [f.result() for f in [client.submit(noop, i, pure=False) for i in range(n)]],
+                },
+                rounds,
+            )
+        best = {name: min(t) for name, t in times.items()}
+        for name, seconds in best.items():
+            lines.append(f"joined  overhead  {name:24s} {seconds / n * 1e6:9.1f} us/task")
+        for name in best:
+            if name != "raw":
+                lines.append(
+                    f"joined  ratio     {name + ' / raw':31s} {best[name] / best['raw']:6.3f} best/best, "
+                    f"{paired_median(times, name, 'raw'):6.3f} paired median"
+                )
+        claims = "on" if backend._claims is not None else "off (the scheduler cannot load parallel_hydra)"
+        lines.append(f"joined  claims    {claims}")
+    return lines
+
+
 def bench_joblib_parallel(n: int, rounds: int) -> str:
     from joblib import Parallel, delayed
 
@@ -336,18 +375,22 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--map-items", type=int, default=1_000_000, help="items of the large map (0: skip it)")
+    parser.add_argument("--dask-address", help="also bench a Dask cluster joined at this address")
     parser.add_argument("--large-map-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.large_map_child:
         large_map_child(args.large_map_child, args.map_items)
         return
-    engines = args.engines.split(",")
+    engines = [engine for engine in args.engines.split(",") if engine]
     print(f"{args.tasks} tasks, {WORKERS} workers, best of {args.rounds} alternating rounds; load {os.getloadavg()[0]:.2f}")
     print(bench_joblib_parallel(args.tasks, args.rounds), flush=True)
     for engine in engines:
         for line in bench_engine(engine, args.tasks, args.rounds):
             print(line, flush=True)
-    if args.map_items:
+    if args.dask_address:
+        for line in bench_joined_dask(args.dask_address, args.tasks, args.rounds):
+            print(line, flush=True)
+    if args.map_items and engines:
         for line in bench_large_map(engines, args.map_items):
             print(line, flush=True)
     print(f"load at the end {os.getloadavg()[0]:.2f}")
