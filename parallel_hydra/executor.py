@@ -408,7 +408,8 @@ class ParallelExecutor(Executor):
         size is the bound, also when it grows (a cluster joined by ``address`` that
         gains workers). Under a policy that never cancels pending tasks the executor
         then hands the engine every task at once, as the engine's own ``submit`` does,
-        instead of waiting for one task to end before handing over the next.
+        instead of waiting for one task to end before handing over the next, if the
+        engine can take back what it has not started (:meth:`TaskRunner.can_withdraw`).
     """
 
     def __init__(
@@ -435,7 +436,8 @@ class ParallelExecutor(Executor):
         self._policy = as_policy(cancel_futures)
         self._wait_timeout = wait_timeout
         if runner.keeps_own_queue(max_workers) or (
-            (engine_sized or runner.enforces_bound(max_workers)) and CancellationPolicy.PENDING not in self._policy
+            (runner.enforces_bound(max_workers) or (engine_sized and runner.can_withdraw(max_workers)))
+            and CancellationPolicy.PENDING not in self._policy
         ):
             # Nothing to hold back: the engine queues what it cannot run yet, and
             # either can take it back (its own queue) or the policy never cancels

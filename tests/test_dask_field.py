@@ -204,14 +204,15 @@ def test_a_killed_worker_on_a_cluster_by_address_is_a_worker_crash_and_its_task_
 ) -> None:
     """Dask gives a task whose worker died to another worker (allowed-failures times);
     the task had started, so the scheduler's claim makes that second run refuse."""
-    notes = tmp_path / "notes"
     with DaskParallelBackend(address=own_cluster.address, connect_timeout=30) as backend:
-        with backend.executor(max_workers=2) as executor:
-            error = executor.submit(note_then_die, str(notes), "os._exit").exception(timeout=120)
-            assert isinstance(error, WorkerCrashedError), repr(error)
-            assert "note_then_die" in str(error) and "not run a second time" in str(error)
-            assert executor.submit(tasks.add, 1, 2).result(timeout=60) == 3
-    assert _lines(notes) == ["ran"]  # once, not once per allowed failure
+        for how in ("os._exit", "sys.exit"):  # (SystemExit passes through the task's wrapper)
+            notes = tmp_path / f"notes-{how}"
+            with backend.executor(max_workers=2) as executor:
+                error = executor.submit(note_then_die, str(notes), how).exception(timeout=120)
+                assert isinstance(error, WorkerCrashedError), (how, repr(error))
+                assert "note_then_die" in str(error) and "not run a second time" in str(error), how
+                assert executor.submit(tasks.add, 1, 2).result(timeout=60) == 3
+            assert _lines(notes) == ["ran"], how  # once, not once per allowed failure
 
 
 def test_an_executor_of_a_whole_joined_cluster_hands_dask_every_task_at_once(
@@ -232,6 +233,45 @@ def test_an_executor_of_a_whole_joined_cluster_hands_dask_every_task_at_once(
                 finally:
                     gate.touch()
                 assert [f.result(timeout=60) for f in futures] == list(range(6))
+        # The tasks' run claims go when the scheduler forgets the tasks: none is left.
+        assert wait_until(lambda: backend.client.run_on_scheduler(_run_claims_left) == 0, 10)
+
+
+def note_then_nap(path: str, i: int) -> int:
+    """Append ``i`` to ``path``; the first item raises, the others take 0.3 s."""
+    with open(path, "a") as notes:
+        notes.write(f"{i}\n")
+    if i == 0:
+        raise ValueError("item 0")
+    time.sleep(0.3)
+    return i
+
+
+def test_a_whole_joined_cluster_executor_still_takes_back_what_no_worker_started(
+    dask_cluster_address: str, tmp_path: Path
+) -> None:
+    """Handing every task to the scheduler at once must not cost cancellation: a map
+    abandoned at its first item cancels what waits on the scheduler, and RUNNING stops
+    only the tasks that run (on a joined cluster: cancels them) while the rest run on."""
+    notes = tmp_path / "notes"
+    with DaskParallelBackend(address=dask_cluster_address, connect_timeout=30) as backend:
+        with backend.executor(cancel_futures="NONE") as executor:
+            assert executor._limit == float("inf")
+            with pytest.raises(ValueError, match="item 0"):
+                list(executor.map(note_then_nap, [str(notes)] * 20, range(20), chunksize=1))
+        ran = len(_lines(notes))
+        assert ran <= 8, f"{ran} of 20 tasks ran after the map was abandoned at its first item"
+        executor = backend.executor(cancel_futures="RUNNING")
+        futures = [executor.submit(tasks.sleep_then, 0.3, i) for i in range(10)]
+        time.sleep(0.5)
+        executor.shutdown()
+        cancelled = [f for f in futures if f.cancelled()]
+        assert 1 <= len(cancelled) <= 4, f"{len(cancelled)} of 10 cancelled: RUNNING must leave pending tasks to run"
+        assert all(f.result(timeout=60) == i for i, f in enumerate(futures) if not f.cancelled())
+
+
+def _run_claims_left(dask_scheduler: Any) -> int:
+    return len(dask_scheduler.plugins["parallel_hydra-run-claims"]._taken)
 
 
 def test_a_keyword_argument_named_func_reaches_the_task(dask_backend: DaskParallelBackend, dask_cluster_address: str) -> None:

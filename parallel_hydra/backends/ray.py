@@ -625,7 +625,9 @@ class _RayRunner(TaskRunner):
     def expect_in_flight(self, limit: float) -> None:
         # Every task handed over at once: nothing waits on one task's end, so results
         # are collected in batches, cheaper than a callback per task (see ray_reaper).
-        if math.isinf(limit):
+        # Only on a runtime this process started: the reaper looks at the oldest few
+        # hundred tasks, and a large joined cluster may run more than that at once.
+        if math.isinf(limit) and self._backend._owns_runtime():
             self._reaper = self._backend._batch_reaper()
 
     def enforces_bound(self, max_workers: int) -> bool:

@@ -235,8 +235,6 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
     def _stop(self) -> None:
         client, cluster = self.client, self.cluster
         try:
-            if self._claims is not None and self._engine_alive():
-                self._claims.close()
             if client is not None:
                 # A client whose scheduler is gone would wait for it the whole timeout.
                 timeout = max(10.0, self.config.wait_timeout) if self._engine_alive() else 2.0

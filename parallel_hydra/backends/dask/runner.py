@@ -179,8 +179,10 @@ def _run_logged(folder: str, number: int, fn: Callable[..., Any], args: List[Any
         )
     try:
         result = fn(*args, **kwargs)
-    except BaseException:
-        release_run(folder, number)  # it failed: Dask's own retries may run it again
+    except Exception:
+        # It failed, and its worker lives on: Dask's own retries may run it again.
+        # (SystemExit and the like end the worker: the claim stays.)
+        release_run(folder, number)
         raise
     try:
         return _PickledResult(dask_pickle.dumps(result))
@@ -262,7 +264,7 @@ async def _watch(client: Any, future: Any, report: Callable[[Any, bool, Any], No
 class _DaskTask:
     """The token of one task of an executor: what to run, and its current Dask future."""
 
-    __slots__ = ("fn", "args", "kwargs", "options", "on_done", "number", "claim", "future", "key", "resubmits", "withdrawn", "stopped", "held")
+    __slots__ = ("fn", "args", "kwargs", "options", "on_done", "number", "future", "key", "resubmits", "withdrawn", "stopped", "held")
 
     def __init__(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any], options: Dict[str, Any], on_done: DoneCallback) -> None:
         self.fn: Any = fn
@@ -271,7 +273,6 @@ class _DaskTask:
         self.options = options
         self.on_done: Any = on_done
         self.number = 0  # in the start log; 0 where none is kept
-        self.claim = ""  # its run's name on the scheduler, where claims are kept there
         self.future: Any = None
         self.key: Any = None
         self.resubmits = 0
@@ -325,6 +326,12 @@ class _DaskRunner(TaskRunner):
             finite = False
         return finite and self.enforces_bound(max_workers)
 
+    def can_withdraw(self, max_workers: int) -> bool:
+        # Taking tasks back runs our code on the scheduler (Workers.withdraw): on a
+        # cluster the backend started, or on one whose scheduler took the run-claims
+        # plugin, and so imports parallel_hydra.
+        return self.keeps_own_queue(max_workers) or self._claims is not None
+
     def check_options(self, options: Mapping[str, Any]) -> Dict[str, Any]:
         _merge_options(self._backend.config.task, options)
         return dict(options)
@@ -344,8 +351,6 @@ class _DaskRunner(TaskRunner):
         task = _DaskTask(fn, args, kwargs, self._options(options), on_done)
         if self._log is not None:
             task.number = self._log.call(fn, (), {}).number
-        elif self._claims is not None:
-            task.claim = self._claims.new_name()
         self._submit(task)
         return task
 
@@ -359,9 +364,7 @@ class _DaskRunner(TaskRunner):
                     pure=False, **task.options,
                 )
             elif self._claims is not None:
-                future = client.submit(
-                    run_claimed, task.claim, task.fn, list(task.args), dict(task.kwargs), pure=False, **task.options
-                )
+                future = client.submit(run_claimed, task.fn, list(task.args), dict(task.kwargs), pure=False, **task.options)
             else:
                 future = _submit(client, task.fn, task.args, task.kwargs, task.options)
         except Exception as exc:
@@ -399,14 +402,9 @@ class _DaskRunner(TaskRunner):
             if on_done is None or task.stopped:
                 return
             task.release()
-        self._give_back(task, later=ok)  # no claim left behind; a result's, once Dask has let the task go
+        if self._log is not None:  # no claim left behind; a result's, once Dask has let the task go
+            self._log.give_back(task.number, later=ok)
         on_done(ok, value)
-
-    def _give_back(self, task: _DaskTask, later: bool = False) -> None:
-        if self._log is not None:
-            self._log.give_back(task.number, later=later)
-        elif self._claims is not None and task.claim:
-            self._claims.give_back(task.claim, later=later)
 
     @staticmethod
     def _unpack(task: _DaskTask, value: Any) -> Tuple[bool, Any]:
@@ -493,8 +491,8 @@ class _DaskRunner(TaskRunner):
         if log is not None:
             ran = {id(t) for t in tokens if t is not None and has_claim(log.folder, t.number)}
         elif claims is not None:
-            held = claims.held(t.claim for t in tokens if t is not None and t.future is not None)
-            ran = {id(t) for t in tokens if t is not None and t.claim in held}
+            held = claims.held(t.key for t in tokens if t is not None and t.future is not None)
+            ran = {id(t) for t in tokens if t is not None and t.key in held}
         else:
             ran = set()
         with self._lock:
@@ -540,6 +538,7 @@ class _DaskRunner(TaskRunner):
                     futures.append(t.future)
                 t.release()
         self._workers.stop_tasks(futures)
-        for t in tokens:  # the tasks are over: their claims go too
-            if t is not None:
-                self._give_back(t)
+        if self._log is not None:  # the tasks are over: their claims go too (the
+            for t in tokens:  # scheduler's go when it forgets the tasks)
+                if t is not None:
+                    self._log.give_back(t.number)

@@ -331,8 +331,8 @@ class Workers:
         """Cancel those of ``futures`` that no worker has been given yet; their keys.
 
         One scheduler call for the whole batch. This runs our code on the scheduler, so
-        only the runner of a cluster this backend started uses it (it alone keeps tasks
-        in Dask's queue, see ``_DaskRunner.keeps_own_queue``).
+        only the runner of a cluster this backend started, or of one whose scheduler
+        imports parallel_hydra, uses it (see ``_DaskRunner.can_withdraw``).
         """
         return list(self._cancel_when_known(futures, only_unstarted=True)["cancelled"])
 
