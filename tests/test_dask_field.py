@@ -274,6 +274,51 @@ def _run_claims_left(dask_scheduler: Any) -> int:
     return len(dask_scheduler.plugins["parallel_hydra-run-claims"]._taken)
 
 
+def test_a_scheduler_that_cannot_import_parallel_hydra_is_warned_of_and_still_used(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Without the run-claims plugin (the scheduler lacks parallel_hydra) the backend
+    says so once, naming the address; whole-cluster executors then keep their queue
+    (nothing could be taken back from the scheduler)."""
+    import json
+
+    from dask_support import _dask_command
+
+    preload = tmp_path / "no_parallel_hydra.py"
+    preload.write_text("import sys\nsys.modules['parallel_hydra'] = None  # import parallel_hydra fails here\n")
+    scheduler_file = tmp_path / "scheduler.json"
+    with open(tmp_path / "scheduler.log", "ab") as log:
+        scheduler = subprocess.Popen(
+            _dask_command("scheduler", "--host", "127.0.0.1", "--port", "0", "--no-dashboard",
+                          "--scheduler-file", str(scheduler_file), "--preload", str(preload)),
+            cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+    worker = None
+    try:
+        assert wait_until(lambda: scheduler_file.exists() and scheduler_file.read_text().strip(), 60)
+        address = json.loads(scheduler_file.read_text())["address"]
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(tasks.__file__).parent), os.environ.get("PYTHONPATH", "")]))
+        with open(tmp_path / "worker.log", "ab") as log:
+            worker = subprocess.Popen(
+                _dask_command("worker", address, "--host", "127.0.0.1", "--nworkers", "1", "--nthreads", "1",
+                              "--no-dashboard", "--local-directory", str(tmp_path)),
+                cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        caplog.set_level("WARNING", logger="parallel_hydra.backends.dask")
+        with DaskParallelBackend(address=address, connect_timeout=30) as backend:
+            assert backend._claims is None
+            warnings = [r.getMessage() for r in caplog.records if "run claims" in r.getMessage()]
+            assert len(warnings) == 1 and address in warnings[0], warnings
+            # (Tasks cannot run here: this Dask's scheduler unpickles each task, and ours
+            # name parallel_hydra's wrappers.)
+            with backend.executor(cancel_futures="NONE") as executor:
+                assert executor._limit < float("inf")
+    finally:
+        if worker is not None:
+            _stop_group(worker)
+        _stop_group(scheduler)
+
+
 def test_a_keyword_argument_named_func_reaches_the_task(dask_backend: DaskParallelBackend, dask_cluster_address: str) -> None:
     with dask_backend.executor() as executor:
         assert executor.submit(takes_func, 1, func=2, key=3, pure=4).result(timeout=60) == 10
