@@ -13,7 +13,7 @@ from concurrent.futures import BrokenExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import Optional
 
-__all__ = ["WorkerCrashedError", "NeighborCrashedError", "EngineLostError", "describe_exit"]
+__all__ = ["WorkerCrashedError", "NeighborCrashedError", "EngineLostError", "UnsendableExceptionError", "describe_exit"]
 
 
 def describe_exit(exitcode: Optional[int]) -> str:
@@ -56,6 +56,12 @@ class NeighborCrashedError(WorkerCrashedError):
     a worker process (``threads_per_worker`` above 1) with one the ``RUNNING`` policy
     stopped; otherwise on Ray and Dask one worker's death stops only its own task.
     """
+
+
+class UnsendableExceptionError(Exception):
+    """A task raised an exception that could not be sent back, not even rebuilt as its
+    own class (see :mod:`parallel_hydra.sendable`): this one says which, with the
+    message and the worker's traceback as text."""
 
 
 class EngineLostError(BrokenExecutor):

@@ -24,9 +24,12 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import pickle
 import sys
 import threading
 from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from .sendable import sendable_exception
 
 __all__ = ["InTask", "WithLogs", "replay", "logs_of", "limit_threads", "thread_environment", "THREAD_VARIABLES"]
 
@@ -95,22 +98,38 @@ class InTask:
     def __call__(self, /, *args: Any, **kwargs: Any) -> Any:
         if self.threads is not None:
             limit_threads(self.threads)
-        if self.log_level is None or os.getpid() == self.origin_pid:
-            return self.fn(*args, **kwargs)
+        here = os.getpid() == self.origin_pid  # (nothing travels: no capture, no check)
+        if self.log_level is None or here:
+            try:
+                return self.fn(*args, **kwargs)
+            except Exception as exc:
+                error = exc if here else sendable_exception(exc)
+                if error is exc:
+                    raise
+                trace = exc.__traceback__
+            # A stand-in is raised out here, so that it has no __context__: some engines
+            # pickle an exception's context too (Dask, through tblib).
+            raise error.with_traceback(trace)
         capture = _capture or _the_capture()
         outer = capture.start(self.log_level)
         try:
             value = self.fn(*args, **kwargs)
         except BaseException as exc:
             records = capture.stop(outer)
+            # An exception that would not survive the trip back goes as a stand-in.
+            error = sendable_exception(exc) if isinstance(exc, Exception) else exc
             if records:
                 try:
-                    setattr(exc, _LOGS_ATTRIBUTE, records)
+                    setattr(error, _LOGS_ATTRIBUTE, records)
                 except Exception:  # an exception that refuses attributes: its logs are lost
                     pass
-            raise
-        records = capture.stop(outer)
-        return WithLogs(value, records) if records else value
+            if error is exc:
+                raise
+            trace = exc.__traceback__
+        else:
+            records = capture.stop(outer)
+            return WithLogs(value, records) if records else value
+        raise error.with_traceback(trace)
 
 
 class WithLogs:
@@ -216,7 +235,10 @@ class _Capture(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         records = getattr(self._tasks, "records", None)
         if records is not None and record.levelno >= self._tasks.level:
-            records.append(_portable(record))
+            try:
+                records.append(_portable(record))
+            except Exception:  # a bad format string, say: reported as logging does, the task goes on
+                self.handleError(record)
 
     def start(self, level: int) -> Tuple[Optional[List[logging.LogRecord]], int]:
         """Capture what this thread logs at ``level`` or above, until :meth:`stop`; the
@@ -261,8 +283,13 @@ def _the_capture() -> _Capture:
     return _capture
 
 
+#: The attributes every LogRecord has; others come from a call's ``extra``.
+_RECORD_FIELDS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+
+
 def _portable(record: logging.LogRecord) -> logging.LogRecord:
-    """A copy of ``record`` that pickles: its message rendered, its traceback as text."""
+    """A copy of ``record`` that pickles: its message rendered, its traceback as text,
+    and any ``extra`` value that does not pickle as its ``repr``."""
     copy = logging.makeLogRecord(record.__dict__)
     copy.msg = record.getMessage()
     copy.args = None
@@ -270,4 +297,10 @@ def _portable(record: logging.LogRecord) -> logging.LogRecord:
         if not copy.exc_text:
             copy.exc_text = logging.Formatter().formatException(record.exc_info)
         copy.exc_info = None
+    for name in copy.__dict__.keys() - _RECORD_FIELDS:
+        value = copy.__dict__[name]
+        try:
+            pickle.dumps(value)
+        except Exception:
+            copy.__dict__[name] = repr(value)
     return copy

@@ -42,6 +42,7 @@ from .config import plain
 from .hydra_config import LAUNCHER_KEYS
 from .errors import EngineLostError, WorkerCrashedError
 from .policy import CancellationPolicy
+from .sendable import sendable_exception, sendable_value
 
 __all__ = ["launch", "execute_job", "JobInfo", "RESULTS_FILE"]
 
@@ -119,6 +120,12 @@ def execute_job(
             log_files.extend(_root_log_files())
             if ret.status == JobStatus.FAILED:
                 _record_failure(job_num, ret._return_value)
+                # What goes back to the app must arrive: an exception that does not
+                # survive pickling is sent as a stand-in of its class (see sendable),
+                # a return value as its repr, which is all the app shows of it.
+                ret._return_value = sendable_exception(ret._return_value)
+            else:
+                ret._return_value = sendable_value(ret._return_value)
     finally:
         _job_lock.release()
     info = JobInfo(time.perf_counter() - started, socket.gethostname(), os.getpid(), worker, log_files)

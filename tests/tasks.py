@@ -4,8 +4,10 @@ anyway, loky by reference)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import random
+import threading
 import time
 from pathlib import Path
 from typing import Any, Tuple
@@ -201,3 +203,35 @@ def append_then_wait(path: str, gate: str, timeout: float = 60.0, value: Any = N
     with open(path, "a") as out:
         out.write(f"{os.getpid()}\n")
     return wait_for_file(gate, timeout, value)
+
+
+class TwoArgError(Exception):
+    """Pickles, but cannot be unpickled: its ``__init__`` takes other arguments than it
+    passes on (a common way to write one)."""
+
+    def __init__(self, path: str, code: int) -> None:
+        super().__init__(f"{path} failed with {code}")
+        self.code = code
+
+
+class LockedError(Exception):
+    """Cannot be pickled at all: it holds a lock."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.lock = threading.Lock()
+
+
+def raise_two_arg(path: str, code: int) -> None:
+    raise TwoArgError(path, code)
+
+
+def raise_locked(message: str) -> None:
+    raise LockedError(message)
+
+
+def log_oddly(x: int) -> int:
+    """Log with a bad format string and with an ``extra`` that cannot be pickled."""
+    logging.getLogger("tasks.oddly").warning("loss %d", "nan")
+    logging.getLogger("tasks.oddly").warning("done %s", x, extra={"lock": threading.Lock()})
+    return x

@@ -55,6 +55,32 @@ def test_exception_keeps_its_type_and_message(backend: BaseParallelBackend) -> N
         assert isinstance(future.exception(), Boom)
 
 
+def test_an_exception_that_cannot_travel_as_it_is_arrives_as_its_class_and_harms_no_neighbour(
+    backend: BaseParallelBackend,
+) -> None:
+    # One pickles but cannot be unpickled (on loky that used to break the whole pool and
+    # fail the task running beside it); one cannot be pickled at all (a lock inside).
+    with backend.executor(max_workers=2) as executor:
+        neighbour = executor.submit(tasks.sleep_then, 1.5, "fine")
+        time.sleep(0.3)
+        two_arg = executor.submit(tasks.raise_two_arg, "/data/x", 3)
+        locked = executor.submit(tasks.raise_locked, "held")
+        error = two_arg.exception(timeout=60)
+        assert type(error) is tasks.TwoArgError and str(error) == "/data/x failed with 3", repr(error)
+        assert error.code == 3
+        error = locked.exception(timeout=60)
+        assert type(error) is tasks.LockedError and str(error) == "held", repr(error)
+        assert "lock" in error.lock  # the attribute that could not travel, as its repr
+        assert neighbour.result(timeout=60) == "fine"
+
+
+def test_a_task_that_logs_badly_still_returns(backend: BaseParallelBackend) -> None:
+    # A bad format string, an extra that cannot be pickled: logging reports the first and
+    # goes on; neither may fail the task.
+    with backend.executor(max_workers=2) as executor:
+        assert executor.submit(tasks.log_oddly, 42).result(timeout=60) == 42
+
+
 def test_equal_calls_are_not_merged(backend: BaseParallelBackend) -> None:
     with backend.executor() as executor:
         values = [f.result(timeout=60) for f in [executor.submit(tasks.draw) for _ in range(10)]]

@@ -333,6 +333,54 @@ def test_a_failed_job_is_reported_at_once_and_the_others_go_on(app: Path) -> Non
     assert leftovers(run.marker) == []
 
 
+# A job's exception whose __init__ takes other arguments than it gives Exception (it
+# pickles, and fails to unpickle), and a job that returns what cannot be pickled.
+ODD_APP = '''\
+import threading
+import time
+
+import hydra
+
+
+class DataError(Exception):
+    def __init__(self, path, code):
+        super().__init__(f"{path}: code {code}")
+
+
+@hydra.main(version_base="1.3", config_path=".", config_name="config")
+def main(cfg):
+    if cfg.x == 1:
+        time.sleep(0.5)
+        raise DataError("/data/x.csv", 3)
+    if cfg.x == 2:
+        return threading.Lock()
+    time.sleep(2)
+    return cfg.x
+
+
+if __name__ == "__main__":
+    main()
+'''
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_job_error_or_value_that_cannot_travel_as_it_is_still_arrives(tmp_path: Path, engine: str) -> None:
+    """Such an error arrives as itself, fails only its own job (on joblib it used to
+    break the pool and fail its neighbour), and such a value is shown by its repr."""
+    folder = tmp_path / "odd_repo"
+    folder.mkdir()
+    (folder / "config.yaml").write_text("x: 0\n")
+    script = folder / "app.py"
+    script.write_text(ODD_APP)
+    run = sweep(script, f"hydra/launcher=parallel_{engine}", "hydra.launcher.n_cpus=2", "x=0,1,2")
+    lines = results(script)
+    assert [line["status"] for line in lines] == ["COMPLETED", "FAILED", "COMPLETED"], (lines, run.output[-3000:])
+    assert lines[0]["return_value"] == 0
+    assert lines[1]["error"] == "DataError: /data/x.csv: code 3", lines[1]
+    assert "lock" in lines[2]["return_repr"], lines[2]
+    assert leftovers(run.marker) == []
+
+
 @pytest.mark.parametrize("engine", ["joblib", "dask"])
 def test_fail_fast_stops_the_running_jobs_and_exits_non_zero(app: Path, engine: str) -> None:
     started = time.monotonic()
