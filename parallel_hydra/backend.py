@@ -193,7 +193,7 @@ class BaseParallelBackend(ABC):
         """
         self._check_open()
         if max_workers is not None:
-            check_n_jobs(max_workers)
+            check_n_jobs(max_workers, "max_workers")
         slots = self.effective_n_jobs(-1)
         n = slots if max_workers is None else resolve_n_jobs(max_workers, slots)
         if cancel_futures is None:

@@ -67,6 +67,10 @@ def _check_number(key: str, value: Any, minimum: float, strict: bool = False, op
         _fail(key, f"a number {bound}" + (" or null" if optional else ""), value)
 
 
+# Why the mapping fields above are typed ``Optional[Any]`` and checked in ``validate``:
+# OmegaConf (2.2, 2.3) cannot merge a mapping into an ``Optional[Dict]`` field that is
+# null, so ``parallel.task.resources={GPU:1}`` on the command line failed with a raw
+# ``AttributeError`` from inside it. An ``Any`` field takes the mapping.
 def _check_resources(key: str, value: Any) -> Optional[Dict[str, float]]:
     value = plain(value)
     if value is None:
@@ -167,13 +171,13 @@ class RayTaskOptions:
     # Memory each task reserves, in bytes; null reserves none.
     memory: Optional[int] = None
     # Custom resources each task reserves, e.g. {special_hardware: 1}.
-    resources: Optional[Dict[str, float]] = None
+    resources: Optional[Any] = None  # (a mapping; see _check_resources)
     # Times Ray retries a task whose worker died (-1: forever).
     max_retries: int = 0
     # Retry tasks that raised an application exception too.
     retry_exceptions: bool = False
     # Per-task runtime environment (pip, env_vars, working_dir, ...).
-    runtime_env: Optional[Dict[str, Any]] = None
+    runtime_env: Optional[Any] = None  # (a mapping; see _check_resources)
     # Tasks a Ray worker process runs before Ray replaces it: 1 gives every task a fresh
     # process (no globals or CUDA context left by the one before); 0 never replaces it;
     # null is Ray's default (0, or 1 for tasks with GPUs). Set in the config only.
@@ -206,7 +210,7 @@ class RayConfig(ParallelConfig):
     # Ray namespace of the job (null: an anonymous one).
     namespace: Optional[str] = None
     # Job-wide runtime environment passed to ray.init (pip, env_vars, working_dir, ...).
-    runtime_env: Optional[Dict[str, Any]] = None
+    runtime_env: Optional[Any] = None  # (a mapping; see _check_resources)
     # Options of every task: CPUs, GPUs, resources, retries, runtime_env.
     task: RayTaskOptions = field(default_factory=RayTaskOptions)
 
@@ -228,7 +232,7 @@ class DaskTaskOptions:
     """
 
     # Abstract worker resources each task needs, e.g. {GPU: 1} (workers must declare them).
-    resources: Optional[Dict[str, float]] = None
+    resources: Optional[Any] = None  # (a mapping; see _check_resources)
     # Times Dask retries a task that failed.
     retries: int = 0
     # Scheduling priority; higher runs first.

@@ -56,6 +56,20 @@ def _name(fn: Any) -> Optional[str]:
     return getattr(fn, "__name__", None)
 
 
+def _seed_sequence(seed: Any) -> Any:
+    """The ``SeedSequence`` whose children seed the jobs: ``seed`` itself, a
+    ``Generator``'s own (its state is left as it is, as pyDVL does), or one made from an
+    int (or whatever ``SeedSequence`` takes)."""
+    from numpy.random import Generator, SeedSequence
+
+    if isinstance(seed, SeedSequence):
+        return seed
+    if isinstance(seed, Generator):
+        bits = seed.bit_generator
+        return getattr(bits, "seed_seq", None) or getattr(bits, "_seed_seq")  # (numpy < 1.25: private)
+    return SeedSequence(seed)
+
+
 def _call_map(map_func: Callable[..., Any], chunk: Any, kwargs: Dict[str, Any]) -> Any:
     return map_func(chunk, **kwargs)
 
@@ -139,7 +153,8 @@ class MapReduceJob(Generic[T, R]):
         self.progress = progress
 
     def __call__(self, seed: Optional[Union[int, Any]] = None) -> R:
-        """Run the job; ``seed`` (an int or a ``SeedSequence``) makes it reproducible."""
+        """Run the job; ``seed`` (an int, a ``SeedSequence`` or a numpy ``Generator``)
+        makes it reproducible."""
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
         if isinstance(self.config, BaseParallelBackend):
             return self._run(self.config, seed, deadline)
@@ -172,10 +187,7 @@ class MapReduceJob(Generic[T, R]):
     ) -> R:
         seeds: List[Any] = [None] * len(chunks)
         if seed is not None:
-            from numpy.random import SeedSequence
-
-            root = seed if isinstance(seed, SeedSequence) else SeedSequence(seed)
-            seeds = root.spawn(len(chunks))
+            seeds = _seed_sequence(seed).spawn(len(chunks))
         pass_seed = seed is not None and _accepts(self.map_func, "seed")
         pass_job_id = _accepts(self.map_func, "job_id")
         with backend.executor(max_workers=backend.effective_n_jobs(len(chunks))) as executor:

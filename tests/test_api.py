@@ -204,6 +204,22 @@ def test_map_reduce_passes_seed_only_to_functions_that_take_it() -> None:
     assert MapReduceJob([1, 2], chunk_sizes, n_jobs=2)(seed=3) == [1, 1]
 
 
+def test_map_reduce_takes_a_numpy_generator_as_seed_as_pydvl_does() -> None:
+    import numpy as np
+
+    # A Generator seeds the jobs from its own SeedSequence (its state is left alone):
+    # default_rng(5) gives what seed=5 gives, every time.
+    job = MapReduceJob(list(range(6)), tasks.draw_mean, n_jobs=3, config={"n_cpus": 2})
+    assert job(seed=np.random.default_rng(5)) == job(seed=np.random.default_rng(5)) == job(seed=5)
+    assert job(seed=np.random.default_rng(6)) != job(seed=5)
+
+
+def test_a_bad_max_workers_is_refused_naming_it() -> None:
+    with JoblibParallelBackend(n_cpus=1) as backend:
+        with pytest.raises(ValueError, match="max_workers"):
+            backend.executor(max_workers=0)
+
+
 def test_map_reduce_checks_its_arguments() -> None:
     with pytest.raises(ValueError, match="n_jobs"):
         MapReduceJob([1], chunk_sizes, n_jobs=0)

@@ -40,6 +40,21 @@ def test_every_field_can_be_overridden(user_app: Path) -> None:
     assert run.results()[0].endswith("policy=ALL")
 
 
+def test_mapping_fields_can_be_set_on_the_command_line(user_app: Path) -> None:
+    # OmegaConf cannot merge a mapping into a null Optional[Dict]: these fields take Any.
+    for engine, field, value, shown in (
+        ("dask", "task.resources", "{GPU:1}", "GPU: 1"),
+        ("ray", "task.resources", "{special:2}", "special: 2"),
+        ("ray", "runtime_env", "{env_vars:{A:'1'}}", "A: '1'"),
+        ("ray", "task.runtime_env", "{env_vars:{B:'2'}}", "B: '2'"),
+    ):
+        run = run_ok(user_app, f"parallel={engine}", f"parallel.{field}={value}", "--cfg", "job")
+        assert shown in run.output, (field, run.output[-2000:])
+    run = run_app(user_app, ["parallel=dask", "parallel.n_cpus=1", "parallel.task.resources={GPU:-1}"], cwd=user_app.parent)
+    assert run.returncode != 0
+    assert "task.resources.GPU" in run.output and "Traceback" not in run.output, run.output[-2000:]
+
+
 @pytest.mark.parametrize("engine", ["ray", "dask"])
 def test_each_engine_is_one_override_away(user_app: Path, engine: str) -> None:
     run = run_ok(user_app, f"parallel={engine}", "parallel.n_cpus=2")
