@@ -1,4 +1,5 @@
-"""What a task sends back must arrive: exceptions made fit for the trip.
+"""What travels to and from workers: exceptions made fit for the trip back, and the
+part of a task that could not be sent named.
 
 A task's exception travels pickled, and many exceptions do not survive that. One whose
 ``__init__`` takes other arguments than it passes to ``Exception.__init__`` (``def
@@ -22,20 +23,31 @@ Only for the failure path: nothing here runs for a task that returns.
 from __future__ import annotations
 
 import traceback
-from typing import Any, Dict, Tuple
+import pickle
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from .errors import UnsendableExceptionError
 
-__all__ = ["sendable_exception", "sendable_value"]
+__all__ = ["sendable_exception", "sendable_value", "unpicklable_part", "cloudpickle_dumps"]
 
 
 def _pickler() -> Any:
-    """The cloudpickle the engines use (a class defined in ``__main__`` travels by value)."""
+    """The cloudpickle the engines use (a class defined in ``__main__`` travels by
+    value): the package (joblib 1.5 and later require it), or the copy older joblibs
+    carry, or else ``pickle``."""
     try:
         import cloudpickle
-    except ImportError:  # joblib, a dependency, carries one
-        from joblib.externals import cloudpickle
+    except ImportError:
+        try:
+            from joblib.externals import cloudpickle  # type: ignore[no-redef]
+        except ImportError:
+            return pickle
     return cloudpickle
+
+
+def cloudpickle_dumps(obj: Any) -> bytes:
+    """``obj`` pickled as loky and the engines pickle it."""
+    return _pickler().dumps(obj)  # type: ignore[no-any-return]
 
 
 def _travels(obj: Any) -> bool:
@@ -127,3 +139,31 @@ def sendable_value(value: Any) -> Any:
     """``value`` itself if it survives pickling, else an object whose ``repr`` is its
     ``repr`` (for a Hydra job's return value, which the app only shows)."""
     return value if _travels(value) else _Shown(repr(value))
+
+
+def unpicklable_part(
+    fn: Callable[..., Any],
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any],
+    error: BaseException,
+    dumps: Callable[[Any], Any],
+    to: str,
+) -> Optional[pickle.PicklingError]:
+    """The ``PicklingError`` that says which part of a task could not be pickled to be
+    sent to ``to`` (the function, or which argument), with ``error`` (the engine's) as
+    its cause; None if each part pickles on its own (``error`` was something else)."""
+    name = str(getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn))
+    parts: List[Tuple[str, Any]] = [("the function", fn)]
+    parts += [(f"positional argument {i}", value) for i, value in enumerate(args)]
+    parts += [(f"keyword argument {key!r}", value) for key, value in kwargs.items()]
+    for what, value in parts:
+        try:
+            dumps(value)
+        except Exception as exc:
+            failure = pickle.PicklingError(
+                f"{what} of task {name} (a {type(value).__name__}) could not be pickled "
+                f"to be sent to {to}: {type(exc).__name__}: {exc}"
+            )
+            failure.__cause__ = error
+            return failure
+    return None

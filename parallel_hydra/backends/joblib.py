@@ -57,6 +57,7 @@ from ..errors import NeighborCrashedError, WorkerCrashedError, describe_exit
 from ..executor import DoneCallback, TaskRunner, _register_exit_hook
 from ..in_task import thread_environment
 from ..start_log import LoggedCall, StartLog
+from ..sendable import cloudpickle_dumps, unpicklable_part
 
 __all__ = ["JoblibParallelBackend", "LocalHandle"]
 
@@ -182,9 +183,14 @@ def _copy_outcome(target: Future, source: Future) -> None:
         target.set_exception(error)
 
 
-def _translated(error: BaseException, name: str) -> BaseException:
+def _translated(error: BaseException, name: str, call: LoggedCall) -> BaseException:
     """A task's error as every engine reports it: a result that loky could not pickle
-    back (loky says so only in the remote traceback) becomes ``PicklingError``."""
+    back (loky says so only in the remote traceback) becomes ``PicklingError``, and so
+    does a task loky could not pickle to send, naming what could not be pickled."""
+    if isinstance(error, pickle.PicklingError) and "Could not pickle the task" in str(error):
+        named = unpicklable_part(call.fn, call.args, call.kwargs, error, cloudpickle_dumps, "a loky worker")
+        if named is not None:
+            return named
     remote = str(error.__cause__ or "")
     if "_sendback_result" in remote and not isinstance(error, pickle.PicklingError):
         translated = pickle.PicklingError(f"the result of task {name} could not be pickled: {type(error).__name__}: {error}")
@@ -308,13 +314,18 @@ class _LokyPool:
         # out of _live under the lock), exactly one side gets the task.
         if task.future is not future or task.stopped or self._live.pop(task.call.number, None) is None:
             return
-        on_done, name = task.on_done, getattr(task.call.fn, "__name__", "")
+        on_done, call = task.on_done, task.call
         # Let go of the callable, its arguments and the result once they are reported.
         task.call = task.future = task.on_done = None  # type: ignore[assignment]
         if error is None:
             on_done(True, future.result())
-        else:
-            on_done(False, _translated(error, name))
+            return
+        try:
+            failure = _translated(error, getattr(call.fn, "__name__", ""), call)
+        except Exception as exc:  # the future must settle whatever happens here
+            logger.debug("could not make loky's error clearer: %r", exc)
+            failure = error
+        on_done(False, failure)
 
     def _pool_broke(self, pool: Optional[ProcessPoolExecutor], error: BaseException) -> None:
         """A worker of some pool died: blame the task it ran, run the others again.

@@ -32,6 +32,7 @@ from ...start_log import StartLog, claim_run, has_claim, note_start, release_run
 from distributed.diagnostics.plugin import WorkerPlugin
 
 from . import distributed
+from ...sendable import unpicklable_part
 from .claims import SchedulerClaims, run_claimed
 from .workers import _how_it_died
 
@@ -199,25 +200,10 @@ def _run_logged(folder: str, number: int, fn: Callable[..., Any], args: List[Any
         return _UnpicklableResult(message, cause)
 
 
-def _unpicklable_argument(fn: Callable[..., Any], args: Sequence[Any], kwargs: Mapping[str, Any], error: BaseException) -> Optional[pickle.PicklingError]:
-    """The ``PicklingError`` that says which part of a task could not be pickled, or
-    None if each part pickles on its own (``error`` was something else)."""
+def _dask_dumps(value: Any) -> bytes:
     from distributed.protocol import pickle as dask_pickle
 
-    parts: List[Tuple[str, Any]] = [("the function", fn)]
-    parts += [(f"positional argument {i}", value) for i, value in enumerate(args)]
-    parts += [(f"keyword argument {name!r}", value) for name, value in kwargs.items()]
-    for what, value in parts:
-        try:
-            dask_pickle.dumps(value)
-        except Exception as exc:
-            failure = pickle.PicklingError(
-                f"{what} of task {_name_of(fn)} (a {type(value).__name__}) could not be pickled "
-                f"to be sent to a Dask worker: {type(exc).__name__}: {exc}"
-            )
-            failure.__cause__ = error
-            return failure
-    return None
+    return dask_pickle.dumps(value)  # type: ignore[no-any-return]
 
 
 # -- awaiting outcomes ----------------------------------------------------------------
@@ -370,7 +356,7 @@ class _DaskRunner(TaskRunner):
         except Exception as exc:
             if not self._backend._engine_alive():
                 raise self._backend._engine_lost(exc) from exc
-            failure = _unpicklable_argument(task.fn, task.args, task.kwargs, exc)
+            failure = unpicklable_part(task.fn, task.args, task.kwargs, exc, _dask_dumps, "a Dask worker")
             if failure is not None:
                 raise failure from exc
             raise
