@@ -90,6 +90,12 @@ def meet_in_own_backend(folder: str, n: int) -> Dict[str, Any]:
     return {"pid": os.getpid(), "pids": sorted({pid for pid, _ in met})}
 
 
+def sum_on_own_dask() -> int:
+    """A task that starts a Dask backend (a local cluster) of its own."""
+    with init_parallel_backend({"backend": "dask", "n_cpus": 1}) as inner, inner.executor() as executor:
+        return sum(executor.map(abs, range(-5, 5)))
+
+
 def grid_search(n_jobs: Optional[int]) -> Tuple[Dict[str, Any], List[float]]:
     """A small, real scikit-learn grid search: its best parameters and mean scores."""
     from sklearn.datasets import make_classification
@@ -413,3 +419,10 @@ def test_an_app_whose_dask_tasks_started_processes_leaves_none(tmp_path: Path, h
             proc.kill()  # SIGKILL: the app runs no clean-up at all
             proc.wait(30)
     assert leftovers(marker, grace=30.0) == []
+
+
+def test_a_joblib_task_can_start_a_dask_backend_of_its_own(joblib_backend: BaseParallelBackend) -> None:
+    # A loky worker's default start method is loky's, which Dask's spawned nannies
+    # could not set again ("cannot find context for 'loky'").
+    with joblib_backend.executor(max_workers=1) as executor:
+        assert executor.submit(sum_on_own_dask).result(timeout=180) == 25

@@ -161,6 +161,21 @@ def _how_it_died(pid: Optional[int]) -> str:
     return describe_exit(_worker_exits.get(pid))
 
 
+def _spawnable_start_method() -> None:
+    """Make this process's default start method one a spawned child can set again.
+
+    A spawned child (Dask starts its nannies so) sets the parent's default start method
+    before it runs. In a loky worker (a task of the joblib backend that starts a Dask
+    cluster of its own) that default is loky's, which a fresh child does not know: the
+    nanny failed to start with "cannot find context for 'loky'". Such a process gets
+    ``spawn`` instead; loky's own pools name their context and do not read the default.
+    """
+    import multiprocessing
+
+    if multiprocessing.get_start_method(allow_none=True) not in (None, "fork", "spawn", "forkserver"):
+        multiprocessing.set_start_method("spawn", force=True)
+
+
 def start_local_cluster(kwargs: Dict[str, Any], processes: bool) -> _OwnedLocalCluster:
     """Start the ``LocalCluster`` that ``kwargs`` describe, as this backend runs one.
 
@@ -169,6 +184,7 @@ def start_local_cluster(kwargs: Dict[str, Any], processes: bool) -> _OwnedLocalC
     """
     if processes:
         kwargs["worker_class"] = _RecordingNanny
+        _spawnable_start_method()
     import dask
 
     # The scheduler (in this process) reads this when it is made. A task whose worker
