@@ -210,7 +210,8 @@ def test_a_killed_worker_on_a_cluster_by_address_is_a_worker_crash_and_its_task_
             with backend.executor(max_workers=2) as executor:
                 error = executor.submit(note_then_die, str(notes), how).exception(timeout=120)
                 assert isinstance(error, WorkerCrashedError), (how, repr(error))
-                assert "note_then_die" in str(error) and "not run a second time" in str(error), how
+                assert "task note_then_die had already started" in str(error), (how, str(error))
+                assert "not run a second time" in str(error), how
                 assert executor.submit(tasks.add, 1, 2).result(timeout=60) == 3
             assert _lines(notes) == ["ran"], how  # once, not once per allowed failure
 

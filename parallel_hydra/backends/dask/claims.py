@@ -113,7 +113,7 @@ def run_claimed(fn: Callable[..., Any], args: List[Any], kwargs: Dict[str, Any])
         reason = f"the scheduler answered {first!r}"
     if first is False:
         raise WorkerCrashedError(
-            f"task {getattr(fn, '__qualname__', fn)!s} had already started on a Dask worker that died or left (its "
+            f"task {getattr(fn, '__name__', None) or fn!s} had already started on a Dask worker that died or left (its "
             f"process crashed or was killed, or its batch job ended) before its result was fetched; Dask ran it "
             f"again, and it is not run a second time: it may have had effects"
         )
