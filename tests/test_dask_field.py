@@ -353,18 +353,19 @@ def test_running_policy_does_not_run_finished_tasks_again(dask_backend: DaskPara
     assert claims() - before == set()  # the stopped tasks gave their claims back
 
 
-def test_a_finished_task_whose_result_died_with_its_worker_is_not_run_again(tmp_path: Path) -> None:
-    """Dask computes a finished task again when the worker holding its only result dies
-    before the client fetched it. Here the client's event loop is held while the task
-    ends and its worker is killed: the second run must refuse, and say why."""
+def _lose_a_finished_result(backend: DaskParallelBackend, tmp_path: Path) -> Any:
+    """Run a task to its end while the client's event loop is held (nothing reaches the
+    client meanwhile), SIGKILL the worker holding its result, give the scheduler time
+    to compute it again, then let go of the loop. The task's future, its worker's pid,
+    and the file where each run notes its pid."""
     notes, go = tmp_path / "notes", tmp_path / "go"
     released, holding = threading.Event(), threading.Event()
 
-    def hold_the_loop() -> None:  # runs on the client's event loop: nothing reaches the client meanwhile
+    def hold_the_loop() -> None:  # runs on the client's event loop
         holding.set()
         released.wait(30)
 
-    with DaskParallelBackend(n_cpus=2) as backend, backend.executor(cancel_futures="NONE") as executor:
+    with backend.executor(cancel_futures="NONE") as executor:
         future = executor.submit(note_pid_then_return_when, str(notes), str(go))
         assert wait_until(lambda: len(_lines(notes)) == 1, 60)
         pid = int(_lines(notes)[0])
@@ -377,7 +378,16 @@ def test_a_finished_task_whose_result_died_with_its_worker_is_not_run_again(tmp_
             time.sleep(3.0)  # the scheduler hears of the death and computes the task again
         finally:
             released.set()
-        error = future.exception(timeout=60)
+        future.exception(timeout=60)
+    return future, pid, notes
+
+
+def test_a_finished_task_whose_result_died_with_its_worker_is_not_run_again(tmp_path: Path) -> None:
+    """Dask computes a finished task again when the worker holding its only result dies
+    before the client fetched it: the second run must refuse, and say why."""
+    with DaskParallelBackend(n_cpus=2) as backend:
+        future, pid, notes = _lose_a_finished_result(backend, tmp_path)
+        error = future.exception()
         assert isinstance(error, NeighborCrashedError), repr(error)
         assert "not run a second time" in str(error)
     assert _lines(notes) == [str(pid)]  # it ran once
@@ -387,30 +397,11 @@ def test_a_finished_task_whose_result_died_with_its_worker_on_a_cluster_by_addre
     own_cluster: DaskTestCluster, tmp_path: Path
 ) -> None:
     """The same on a cluster the backend only joined: the claim is kept by the scheduler."""
-    notes, go = tmp_path / "notes", tmp_path / "go"
-    released, holding = threading.Event(), threading.Event()
-
-    def hold_the_loop() -> None:
-        holding.set()
-        released.wait(30)
-
     with DaskParallelBackend(address=own_cluster.address, connect_timeout=30) as backend:
-        with backend.executor(cancel_futures="NONE") as executor:
-            future = executor.submit(note_pid_then_return_when, str(notes), str(go))
-            assert wait_until(lambda: len(_lines(notes)) == 1, 60)
-            pid = int(_lines(notes)[0])
-            backend.client.loop.add_callback(hold_the_loop)
-            try:
-                assert holding.wait(10)
-                go.touch()
-                time.sleep(1.0)
-                os.kill(pid, signal.SIGKILL)
-                time.sleep(3.0)
-            finally:
-                released.set()
-            error = future.exception(timeout=60)
-            assert isinstance(error, WorkerCrashedError), repr(error)
-            assert "not run a second time" in str(error)
+        future, pid, notes = _lose_a_finished_result(backend, tmp_path)
+        error = future.exception()
+        assert isinstance(error, WorkerCrashedError), repr(error)
+        assert "not run a second time" in str(error)
     assert _lines(notes) == [str(pid)]
 
 
