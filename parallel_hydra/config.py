@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional
 
@@ -47,6 +48,14 @@ def plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [plain(v) for v in value]
     return value
+
+
+#: What Dask's workers take as a memory limit: auto, a number of bytes (a fraction of
+#: the machine's memory below 1), or a size with a unit such as 4GB, 512 MiB or 2g.
+_MEMORY_LIMIT = re.compile(r"^\s*(auto|(\d+\.?\d*|\.\d+)(e[+-]?\d+)?\s*([kmgtp]i?)?b?)\s*$", re.IGNORECASE)
+
+#: The smallest object store Ray starts with (75 MiB); it refuses less in its own words.
+RAY_MIN_OBJECT_STORE_BYTES = 75 * 1024 * 1024
 
 
 def _fail(key: str, allowed: str, value: Any) -> None:
@@ -217,7 +226,7 @@ class RayConfig(ParallelConfig):
     def validate(self) -> None:
         super().validate()
         _check_int("num_gpus", self.num_gpus, 0)
-        _check_int("object_store_memory", self.object_store_memory, 1)
+        _check_int("object_store_memory", self.object_store_memory, RAY_MIN_OBJECT_STORE_BYTES)
         self.runtime_env = plain(self.runtime_env)
         if self.runtime_env is not None and not isinstance(self.runtime_env, dict):
             _fail("runtime_env", "a mapping or null", self.runtime_env)
@@ -278,7 +287,11 @@ class DaskConfig(ParallelConfig):
                   "or starts a cluster", self.cluster["_target_"])
         _check_int("n_workers", self.n_workers, 1)
         _check_int("threads_per_worker", self.threads_per_worker, 1)
-        if not isinstance(self.memory_limit, (str, int)) or isinstance(self.memory_limit, bool):
+        if (
+            not isinstance(self.memory_limit, (str, int))
+            or isinstance(self.memory_limit, bool)
+            or not _MEMORY_LIMIT.match(str(self.memory_limit))
+        ):
             _fail("memory_limit", "auto, 0, a byte count or a size such as 4GB", self.memory_limit)
         self.memory_limit = str(self.memory_limit)
         self.task = _as_options(DaskTaskOptions, self.task, "task")

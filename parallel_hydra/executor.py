@@ -153,6 +153,19 @@ class TaskRunner(ABC):
         """
         return [False] * len(tokens)
 
+    def lends_while_waiting(self) -> bool:
+        """Whether this process runs inside one of the engine's own tasks, where a wait
+        made through the engine (:meth:`wait_any`) lends the task's resources to the
+        tasks it waits for. A Ray task that waits for its own Ray tasks on a Python lock
+        keeps its CPU, and with every CPU held by such tasks nothing else can start."""
+        return False
+
+    def wait_any(self, tokens: List[Any], timeout: float) -> List[Any]:
+        """Wait in the engine until one of ``tokens``' tasks has ended, or ``timeout``
+        seconds; return the tokens whose tasks have. Used only where
+        :meth:`lends_while_waiting` is true."""
+        raise NotImplementedError
+
     def prepare(self, args: Tuple[Any, ...], kwargs: Dict[str, Any]) -> Tuple[Tuple[Any, ...], Dict[str, Any]]:
         """Adjust a task's arguments at ``submit`` time, in the caller's thread."""
         return args, kwargs
@@ -215,6 +228,8 @@ class TaskFuture(Future):
 
     _executor: Optional["ParallelExecutor"] = None
     _task: Optional["_Task"] = None
+    #: The executor to wait through, where waiting must go through the engine.
+    _lender: Optional["ParallelExecutor"] = None
 
     def __init__(self) -> None:
         if not _KNOWN_FUTURE_FIELDS:  # a Python whose Future has fields not set here
@@ -236,6 +251,16 @@ class TaskFuture(Future):
         if executor is None or task is None or self.done():
             return False
         return bool(executor._withdraw_tasks([task]))
+
+    def result(self, timeout: Optional[float] = None) -> Any:
+        if self._lender is not None and self._state in (PENDING, RUNNING):
+            timeout = self._lender._wait_for_future(self, timeout)
+        return super().result(timeout)
+
+    def exception(self, timeout: Optional[float] = None) -> Optional[BaseException]:
+        if self._lender is not None and self._state in (PENDING, RUNNING):
+            timeout = self._lender._wait_for_future(self, timeout)
+        return super().exception(timeout)
 
     def _notify_cancelled(self) -> None:
         with self._condition:
@@ -449,6 +474,7 @@ class ParallelExecutor(Executor):
         runner.expect_in_flight(self._limit)
         self._prepares = type(runner).prepare is not TaskRunner.prepare  # (the base one does nothing)
         self._can_withdraw = runner.can_withdraw(max_workers)
+        self._lends = runner.lends_while_waiting()
         # One lock guards the queue, the in-flight set and the shutdown flags. It is
         # never held while calling into the engine or completing a future.
         self._lock = threading.Lock()
@@ -508,6 +534,8 @@ class ParallelExecutor(Executor):
         if self._wraps_tasks:
             fn = InTask(fn, self._threads_per_task, self._log_level, self._origin_pid)
         task = _Task(fn, args, kwargs, options)
+        if self._lends:
+            task.future._lender = self
         with self._lock:
             self._check_accepting()
             self._queue.append(task)
@@ -693,6 +721,43 @@ class ParallelExecutor(Executor):
         """No task queued, in flight, or being settled. Lock held."""
         return not self._queue and not self._in_flight and not self._settling
 
+    def _idle_now(self) -> bool:
+        with self._lock:
+            return self._is_idle()
+
+    def _wait_for_future(self, future: TaskFuture, timeout: Optional[float]) -> Optional[float]:
+        """:meth:`_wait_in_engine` for one future (its own task, once handed over); the
+        timeout left."""
+        end = None if timeout is None else time.monotonic() + timeout
+        self._wait_in_engine(future.done, end, future)
+        return None if end is None else max(0.0, end - time.monotonic())
+
+    def _wait_in_engine(self, finished: Callable[[], bool], end: Optional[float], future: Optional[TaskFuture] = None) -> None:
+        """Wait until ``finished()`` (or ``end``, a ``time.monotonic()``) through the
+        engine, where the runner lends this process's resources to the tasks it waits
+        for there (:meth:`TaskRunner.lends_while_waiting`: a Ray task waiting for its
+        own Ray tasks); elsewhere return at once, for the caller to wait as usual.
+
+        The engine is asked about the tasks in flight, each only until it says that
+        task ended: its future is settled a moment later, by the thread that hears of
+        ends, and the caller's own wait takes only that moment.
+        """
+        if not self._lends:
+            return
+        ended: Set[Any] = set()
+        while not finished():
+            patience = 1.0 if end is None else min(1.0, end - time.monotonic())
+            if patience <= 0:
+                return
+            with self._lock:
+                task = None if future is None else future._task
+                watched = [task] if task is not None and task in self._in_flight else list(self._in_flight)
+                tokens = [t.token for t in watched if t.token is not None and t.token not in ended]
+            if not tokens:  # they ended and are being settled, or none was handed over yet
+                time.sleep(0.002)
+                continue
+            ended.update(self._runner.wait_any(tokens, patience))
+
     def _fail_all(self, error: Optional[BaseException]) -> None:
         """The engine is gone: every task not yet settled fails with ``error``."""
         with self._lock:
@@ -765,6 +830,7 @@ class ParallelExecutor(Executor):
         self._apply(policy)
         if wait:
             try:
+                self._wait_in_engine(self._idle_now, None)
                 with self._lock:
                     while not self._is_idle():
                         self._idle.wait(self._wait_timeout)

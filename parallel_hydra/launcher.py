@@ -34,6 +34,7 @@ from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
+from hydra.errors import CompactHydraException
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
@@ -44,7 +45,7 @@ from .errors import EngineLostError, WorkerCrashedError
 from .policy import CancellationPolicy
 from .sendable import sendable_exception, sendable_value
 
-__all__ = ["launch", "execute_job", "JobInfo", "RESULTS_FILE"]
+__all__ = ["launch", "execute_job", "JobInfo", "LauncherConfigError", "RESULTS_FILE"]
 
 logger = logging.getLogger(__name__)
 
@@ -311,15 +312,23 @@ def _where_logged(job: _Job) -> str:
     return ""
 
 
+class LauncherConfigError(ValueError, CompactHydraException):
+    """A ``hydra.launcher`` value the launcher cannot use. Hydra prints the message of
+    such an error alone, as it does for a bad override, not a traceback through itself."""
+
+
 def _launcher_settings(settings: Mapping[str, Any]) -> Tuple[Dict[str, Any], Optional[int], bool]:
     """Split the option's fields into the backend's config and the launcher's own."""
     values = plain(dict(settings))
     max_jobs = values.pop("max_concurrent_jobs", None)
     fail_fast = values.pop("fail_fast", False)
     assert not set(LAUNCHER_KEYS) & set(values), "a launcher field was left among the backend's"
-    require_integer("hydra.launcher.max_concurrent_jobs", max_jobs, minimum=1, none="null")
+    try:
+        require_integer("hydra.launcher.max_concurrent_jobs", max_jobs, minimum=1, none="null")
+    except ValueError as exc:
+        raise LauncherConfigError(str(exc)) from None
     if not isinstance(fail_fast, bool):
-        raise ValueError(f"hydra.launcher.fail_fast must be true or false; got {fail_fast!r}")
+        raise LauncherConfigError(f"hydra.launcher.fail_fast must be true or false; got {fail_fast!r}")
     task = values.get("task")
     if values.get("backend") == "ray" and isinstance(task, dict) and task.get("max_calls") is None:
         # Jobs do not share a process: each gets a fresh Ray worker (task.max_calls=0 reuses them).
@@ -352,7 +361,7 @@ def _start_backend(config: Dict[str, Any]) -> Any:
     try:
         return init_parallel_backend(config)
     except ValueError as exc:
-        raise ValueError(f"hydra/launcher=parallel_{config.get('backend')}: {exc}") from None
+        raise LauncherConfigError(f"hydra/launcher=parallel_{config.get('backend')}: {exc}") from None
 
 
 def launch(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Sequence
-from concurrent.futures import FIRST_EXCEPTION
+from concurrent.futures import FIRST_EXCEPTION, Future
 from concurrent.futures import wait as futures_wait
 from typing import Any, Callable, Dict, Generic, List, Optional, TypeVar, Union
 
@@ -54,6 +54,17 @@ def _split(inputs: Any, n_chunks: int) -> List[Any]:
 
 def _name(fn: Any) -> Optional[str]:
     return getattr(fn, "__name__", None)
+
+
+def _all_done_or_one_failed(futures: List[Future]) -> bool:
+    """What ``wait(..., return_when=FIRST_EXCEPTION)`` waits for."""
+    all_done = True
+    for future in futures:
+        if not future.done():
+            all_done = False
+        elif not future.cancelled() and future.exception() is not None:
+            return True
+    return all_done
 
 
 def _seed_sequence(seed: Any) -> Any:
@@ -201,6 +212,8 @@ class MapReduceJob(Generic[T, R]):
                 futures.append(executor.submit(_call_map, self.map_func, chunk, kwargs))
                 if bar is not None:
                     bar.follow(futures[-1], len(chunk) if splittable else 1)
+            # (Inside a Ray task, through Ray: see ParallelExecutor._wait_in_engine.)
+            executor._wait_in_engine(lambda: _all_done_or_one_failed(futures), deadline)
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             done, not_done = futures_wait(futures, timeout=remaining, return_when=FIRST_EXCEPTION)
             if not_done and not any(f.exception() for f in done if not f.cancelled()):

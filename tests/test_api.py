@@ -97,6 +97,13 @@ def test_engine_configs_check_their_own_fields() -> None:
         DaskConfig(n_workers=0)
     with pytest.raises(ValueError, match=r"task\.resources\.GPU must be a number >= 0"):
         DaskConfig(task={"resources": {"GPU": -1}})
+    # Checked here rather than by the engine, whose own messages do not name our key.
+    with pytest.raises(ValueError, match="memory_limit must be auto, 0, a byte count or a size such as 4GB; got 'lots'"):
+        DaskConfig(memory_limit="lots")
+    for size in ("auto", "0", "4GB", "512 MiB", "2g", "0.5", 4_000_000_000):
+        assert DaskConfig(memory_limit=size).memory_limit == str(size)
+    with pytest.raises(ValueError, match="object_store_memory must be an integer >= 78643200"):
+        RayConfig(object_store_memory=10)
     assert ParallelConfig(cancel_futures="ALL").cancel_futures is CancellationPolicy.ALL
 
 

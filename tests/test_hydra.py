@@ -94,10 +94,15 @@ def test_multirun_sweeps_engines_and_sizes(user_app: Path) -> None:
         ("parallel.wait_timeout=0", r"wait_timeout must be a number > 0"),
         ("parallel.address=somewhere:1", r"address must be null for the joblib backend"),
         ("parallel.backend=ray", r"backend is 'ray', but this is the 'joblib' backend"),
+        # The launcher's fields, checked when a sweep starts (-m): as short.
+        ("-m hydra/launcher=parallel_joblib hydra.launcher.n_cpus=0", r"parallel_joblib: .*n_cpus must be an integer >= 1"),
+        ("-m hydra/launcher=parallel_ray hydra.launcher.max_concurrent_jobs=-3",
+         r"hydra\.launcher\.max_concurrent_jobs must be an integer >= 1 or null; got -3"),
+        ("-m hydra/launcher=parallel_dask hydra.launcher.fail_fast=maybe", r"hydra\.launcher\.fail_fast"),
     ],
 )
 def test_bad_overrides_fail_naming_the_key(user_app: Path, override: str, expected: str) -> None:
-    run = run_app(user_app, [override], cwd=user_app.parent, timeout=120)
+    run = run_app(user_app, override.split(), cwd=user_app.parent, timeout=120)
     assert run.returncode != 0
     assert re.search(expected, run.output), run.output
     assert "Traceback" not in run.output

@@ -217,6 +217,55 @@ def test_in_batches_tasks_behind_a_long_one_are_reported_when_they_end(ray_backe
         executor.shutdown()
 
 
+# -- Ray tasks that wait for Ray tasks of their own ----------------------------------------------
+
+
+def _inner_sum(first: int, how: str) -> float:
+    """In a Ray task: the squares of four numbers, summed by tasks of a backend of its own,
+    waited for one way or another; for ``timeout``, how long a too-short wait took."""
+    from parallel_hydra import CancellationPolicy, MapReduceJob, init_parallel_backend
+
+    numbers = range(first, first + 4)
+    with init_parallel_backend({"backend": "ray"}) as inner:
+        if how == "map":
+            with inner.executor() as executor:
+                return sum(executor.map(tasks.square, numbers, chunksize=1))
+        if how == "result":
+            with inner.executor() as executor:
+                return sum(f.result() for f in [executor.submit(tasks.square, x) for x in numbers])
+        if how == "leaving the block":
+            with inner.executor(cancel_futures=CancellationPolicy.NONE) as executor:
+                futures = [executor.submit(tasks.square, x) for x in numbers]
+            return sum(f.result(timeout=0) for f in futures)
+        if how == "MapReduceJob":
+            job = MapReduceJob(list(numbers), map_func=_sum_of_squares, reduce_func=sum, config=inner, n_jobs=4)
+            return job()
+        assert how == "timeout"
+        with inner.executor(cancel_futures=CancellationPolicy.ALL) as executor:
+            future = executor.submit(tasks.sleep_then, 60)
+            start = time.monotonic()
+            with pytest.raises(TimeoutError):
+                future.result(timeout=1)
+            return time.monotonic() - start
+
+
+def _sum_of_squares(numbers: list) -> int:
+    return sum(x * x for x in numbers)
+
+
+@pytest.mark.parametrize("how", ["map", "result", "leaving the block", "MapReduceJob", "timeout"])
+def test_ray_tasks_waiting_for_their_own_ray_tasks_lend_them_their_cpus(ray_backend: RayParallelBackend, how: str) -> None:
+    # Three outer tasks on the runtime's two CPUs: the two that run hold both, so their
+    # inner tasks can only start on the CPUs that the outer tasks' waits lend them.
+    with ray_backend.executor(cancel_futures="ALL") as executor:
+        futures = [executor.submit(_inner_sum, first, how) for first in range(3)]
+        outcomes = [future.result(timeout=120) for future in futures]
+    if how == "timeout":
+        assert all(1 <= waited < 10 for waited in outcomes), outcomes
+    else:
+        assert outcomes == [sum(x * x for x in range(first, first + 4)) for first in range(3)]
+
+
 # -- the worker's traceback ---------------------------------------------------------------------
 
 

@@ -644,6 +644,22 @@ class _RayRunner(TaskRunner):
         # A task that no node can run waits in Ray unstarted: it can be taken back.
         return True
 
+    def lends_while_waiting(self) -> bool:
+        # In a Ray task, Ray lends the task's CPU (and other resources) to other tasks
+        # while the task's own thread is blocked in ray.wait or ray.get, and only then.
+        try:
+            return bool(self._ray.get_runtime_context().worker.mode == self._ray.WORKER_MODE)
+        except Exception:  # pragma: no cover - Ray internals moved: wait as anywhere else
+            return False
+
+    def wait_any(self, tokens: List[Any], timeout: float) -> List[Any]:
+        refs = {token.ref: token for token in tokens if token.ref is not None}
+        if not refs:
+            time.sleep(min(timeout, 0.01))
+            return []
+        ready, _ = self._ray.wait(list(refs), num_returns=1, timeout=timeout, fetch_local=False)
+        return [refs[ref] for ref in ready]
+
     def _demand(self, options: Mapping[str, Any]) -> _Demand:
         if not options:
             return self._base_demand
