@@ -756,7 +756,11 @@ class ParallelExecutor(Executor):
             if not tokens:  # they ended and are being settled, or none was handed over yet
                 time.sleep(0.002)
                 continue
-            ended.update(self._runner.wait_any(tokens, patience))
+            try:
+                ended.update(self._runner.wait_any(tokens, patience))
+            except Exception as exc:  # the engine is going away: its ends are reported as ever
+                logger.debug("waiting through the engine failed (%r); waiting here instead", exc)
+                return
 
     def _fail_all(self, error: Optional[BaseException]) -> None:
         """The engine is gone: every task not yet settled fails with ``error``."""

@@ -1,4 +1,4 @@
-"""Ctrl-C and interpreter exit in a real app, on every engine.
+"""Ctrl-C, signals and interpreter exit in a real app, on every engine.
 
 A terminal's Ctrl-C sends SIGINT to the whole foreground process group: the app and
 every worker process it started on this machine. The app below runs a ``MapReduceJob``
@@ -115,6 +115,41 @@ def test_ctrl_c_on_the_process_group_stops_the_app_and_everything_it_started(eng
     for beat in beat_dir.glob("beat*"):
         assert not beats_after(beat, 1.0), f"{beat.name} still beats after Ctrl-C"
     assert leftovers(marker) == [], "the app left processes running after Ctrl-C"
+
+
+@pytest.mark.parametrize("how", ["SIGTERM", "SIGKILL"])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_an_app_ended_by_a_signal_to_it_alone_leaves_nothing_running(engine: str, how: str, tmp_path: Path) -> None:
+    # `kill PID`, a process manager, or the out-of-memory killer: only the app gets the
+    # signal, and it may run no clean-up at all. Its workers must notice and end, with
+    # the tasks they run (the app's tasks start no processes of their own here).
+    app_dir = tmp_path / "app"
+    app_dir.mkdir()
+    (app_dir / "config.yaml").write_text("defaults:\n  - parallel: joblib\n  - _self_\n")
+    script = app_dir / "train.py"
+    script.write_text(INTERRUPTED_APP)
+    beat_dir = tmp_path / "beats"
+    beat_dir.mkdir()
+    proc, marker = _start(script, [f"parallel={engine}", "parallel.n_cpus=2"], beat_dir)
+    try:
+        assert wait_until(lambda: len(list(beat_dir.glob("beat*"))) >= 2, 120), "the app's tasks never started"
+        os.kill(proc.pid, getattr(signal, how))
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    left = leftovers(marker, grace=30.0)
+    try:
+        assert left == [], f"after {how} to the app alone, its processes ran on"
+        for beat in beat_dir.glob("beat*"):
+            assert not beats_after(beat, 1.0), f"{beat.name} still beats"
+    finally:
+        for line in left:  # by PID, only what this app started (its marker)
+            try:
+                os.kill(int(line.split()[0]), signal.SIGKILL)
+            except OSError:
+                pass
 
 
 @pytest.mark.parametrize("engine", ENGINES)

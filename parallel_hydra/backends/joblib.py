@@ -199,6 +199,42 @@ def _translated(error: BaseException, name: str, call: LoggedCall) -> BaseExcept
     return error
 
 
+class _ThisProcess:
+    """This process, as ``kill_process_tree`` takes one."""
+
+    pid = property(lambda self: os.getpid())
+
+    def join(self) -> None:  # (never reached: the kill ends this process first)
+        pass
+
+
+def _end_with_parent(parent: int) -> None:
+    """In each loky worker, at its start: end the worker, and whatever its task started,
+    once the process that started the pool is gone.
+
+    loky's workers outlive an app ended by a signal it does not handle (``SIGTERM``,
+    ``SIGKILL``): they wait for work until their idle timeout, and a running task runs
+    to its end. A thread that looks at the worker's parent once a second ends them
+    within a second instead. (``PR_SET_PDEATHSIG`` would be quicker, but it fires when
+    the *thread* that started the worker ends, and loky starts workers from whichever
+    thread submits.)
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        kill_process_tree(_ThisProcess())
+
+    threading.Thread(target=watch, name="parallel_hydra-parent-watch", daemon=True).start()
+
+
+def _new_loky_pool(size: int, idle_timeout: float, env: Optional[Dict[str, str]] = None) -> ProcessPoolExecutor:
+    """A loky pool whose workers end with this process (see :func:`_end_with_parent`)."""
+    return ProcessPoolExecutor(
+        size, timeout=idle_timeout, env=env, initializer=_end_with_parent, initargs=(os.getpid(),)
+    )
+
+
 #: Whether the executors' exit hook was registered again after loky's own (see _submit).
 _exit_hook_after_loky = False
 
@@ -283,7 +319,7 @@ class _LokyPool:
             if task.withdrawn or task.stopped:
                 return
             if self._pool is None:
-                self._pool = ProcessPoolExecutor(self.size, timeout=self._idle_timeout, env=self._env)
+                self._pool = _new_loky_pool(self.size, self._idle_timeout, self._env)
             pool = self._pool
             task.pool = pool
             self._live[call.number] = task
@@ -643,7 +679,7 @@ class JoblibParallelBackend(BaseParallelBackend, name="joblib"):
         with self._pool_lock:
             pool = self._wrap_pool
             if pool is None or getattr(getattr(pool, "_flags", None), "broken", None):
-                pool = self._wrap_pool = ProcessPoolExecutor(self.effective_n_jobs(-1), timeout=self.config.idle_worker_timeout)
+                pool = self._wrap_pool = _new_loky_pool(self.effective_n_jobs(-1), self.config.idle_worker_timeout)
             return pool
 
     def _is_handle(self, obj: Any) -> bool:
