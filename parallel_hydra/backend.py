@@ -369,12 +369,14 @@ class BaseParallelBackend(ABC):
         if not handles:
             return [], []
         require_integer("num_returns", num_returns, minimum=1, maximum=len(handles), hint="the number of handles at most")
+        self._require_handles("waits on", handles)
+        return self._wait(handles, num_returns, timeout)
+
+    def _require_handles(self, verb: str, handles: Sequence[Any]) -> None:
+        """Refuse anything among ``handles`` that is not a handle of this backend."""
         for handle in handles:
             if not self._is_handle(handle):
-                raise TypeError(
-                    f"the {self.name} backend waits on handles from its put or wrap; got {type(handle).__name__}"
-                )
-        return self._wait(handles, num_returns, timeout)
+                raise TypeError(f"the {self.name} backend {verb} handles from its put or wrap; got {type(handle).__name__}")
 
     @abstractmethod
     def _is_handle(self, obj: Any) -> bool:

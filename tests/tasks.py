@@ -31,6 +31,10 @@ def fail_on(x: int, bad: int) -> int:
     return x
 
 
+def raise_timeout(message: str) -> None:
+    raise TimeoutError(message)
+
+
 def raise_boom(message: str) -> None:
     raise Boom(message)
 

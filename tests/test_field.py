@@ -103,8 +103,26 @@ def test_wait_on_no_handles_returns_at_once(backend: BaseParallelBackend) -> Non
 
 
 def test_wait_on_something_not_a_handle_says_what_a_handle_is(backend: BaseParallelBackend) -> None:
-    with pytest.raises(TypeError, match="put or wrap"):
+    with pytest.raises(TypeError, match=f"the {backend.name} backend waits on handles from its put or wrap; got int"):
         backend.wait([42])
+    for wrong in (5, [backend.put(1), "x"]):
+        with pytest.raises(TypeError, match=f"the {backend.name} backend gets handles from its put or wrap; got (int|str)"):
+            backend.get(wrong)
+
+
+def test_get_past_its_timeout_says_how_many_results_are_missing(backend: BaseParallelBackend, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    waiting = backend.wrap(tasks.wait_for_file)(str(gate), 60.0, "late")
+    ready = backend.put("early")
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"1 \w+ result\(s\) not ready within 0.5 s"):
+        backend.get([ready, waiting], timeout=0.5)
+    assert time.monotonic() - started < 10
+    gate.touch()
+    assert backend.get([ready, waiting], timeout=60) == ["early", "late"]
+    # A call's own TimeoutError is its error, not a wait that ran out.
+    with pytest.raises(TimeoutError, match="its own"):
+        backend.get(backend.wrap(tasks.raise_timeout)("its own"), timeout=60)
 
 
 def test_cancelled_futures_count_as_done_for_waiters(backend: BaseParallelBackend, tmp_path: Path) -> None:

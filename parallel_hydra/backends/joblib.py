@@ -42,6 +42,7 @@ import time
 import uuid
 import weakref
 from concurrent.futures import FIRST_COMPLETED, CancelledError, Future
+from concurrent.futures import TimeoutError as FuturesTimeoutError
 from concurrent.futures import wait as futures_wait
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.connection import wait as mp_wait
@@ -643,14 +644,19 @@ class JoblibParallelBackend(BaseParallelBackend, name="joblib"):
     def get(self, handles: Any, *, timeout: Optional[float] = None) -> Any:
         end = None if timeout is None else time.monotonic() + timeout
 
-        def one(handle: Any) -> Any:
-            if not isinstance(handle, LocalHandle):
-                raise TypeError(f"get takes handles from put or wrap; got {type(handle).__name__}")
-            return handle.value(None if end is None else max(0.0, end - time.monotonic()))
-
-        if isinstance(handles, (list, tuple)):
-            return [one(h) for h in handles]
-        return one(handles)
+        many = isinstance(handles, (list, tuple))
+        items = list(handles) if many else [handles]
+        self._require_handles("gets", items)
+        values = []
+        for handle in items:
+            try:
+                values.append(handle.value(None if end is None else max(0.0, end - time.monotonic())))
+            except FuturesTimeoutError:
+                if handle.done():  # the wrapped call's own TimeoutError
+                    raise
+                waiting = sum(not h.done() for h in items)
+                raise TimeoutError(f"{waiting} joblib result(s) not ready within {timeout} s") from None
+        return values if many else values[0]
 
     def _start_wrapped(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any], options: Dict[str, Any]) -> LocalHandle:
         outcome: Future = Future()

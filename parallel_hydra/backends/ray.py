@@ -1161,10 +1161,13 @@ class RayParallelBackend(BaseParallelBackend, name="ray"):
         self._check_open()
         ray = self._ray
         many = isinstance(handles, (list, tuple))
+        self._require_handles("gets", handles if many else [handles])
         try:
             return ray.get(list(handles) if many else handles, timeout=timeout)
-        except ray.exceptions.GetTimeoutError as exc:
-            raise TimeoutError(str(exc)) from None
+        except ray.exceptions.GetTimeoutError:
+            items = list(handles) if many else [handles]
+            _, waiting = self._wait(items, len(items), 0)
+            raise TimeoutError(f"{len(waiting)} Ray result(s) not ready within {timeout} s") from None
         except ray.exceptions.RayTaskError as exc:
             error = _unwrap(ray, exc)
             # Not "from None": that would drop the worker's traceback, its cause.

@@ -336,11 +336,6 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
         self._check_open()
         return self.client.scatter([obj], hash=False)[0]
 
-    def _check_handles(self, handles: Sequence[Any]) -> None:
-        for handle in handles:
-            if not isinstance(handle, distributed.Future):
-                raise TypeError(f"the dask backend takes Dask futures from put or wrap; got {type(handle).__name__}")
-
     def get(self, handles: Any, *, timeout: Optional[float] = None) -> Any:
         """The value of a handle, or the values of a list of handles.
 
@@ -350,7 +345,7 @@ class DaskParallelBackend(BaseParallelBackend, name="dask"):
         self._check_open()
         many = isinstance(handles, (list, tuple))
         items = list(handles) if many else [handles]
-        self._check_handles(items)
+        self._require_handles("gets", items)
         if timeout is not None:
             done, _ = self._wait(items, len(items), timeout)
             if len(done) < len(items):
