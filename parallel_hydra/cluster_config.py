@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, NoReturn, Optional
 
 from .checks import require_integer

@@ -23,7 +23,7 @@ import os
 import pickle
 import threading
 from concurrent.futures import CancelledError, ThreadPoolExecutor
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from ...config import DaskTaskOptions
 from ...errors import NeighborCrashedError, WorkerCrashedError
