@@ -349,6 +349,32 @@ class _Chunk:
         return _Chunk, (self.items, self.star)
 
 
+class NamedAfter:
+    """``helper(fn, *args, **kwargs)`` as a task named after ``fn``.
+
+    Engines name a task after its callable: in their messages and ours ("the worker
+    running task ... died"), in Dask's keys and in Ray's dashboard. The user knows
+    ``fn``, not the helper of ours that runs it over a chunk of a ``map``.
+    """
+
+    __slots__ = ("helper", "fn")
+
+    def __init__(self, helper: Callable[..., Any], fn: Callable[..., Any]) -> None:
+        self.helper = helper
+        self.fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.helper(self.fn, *args, **kwargs)
+
+    @property
+    def __name__(self) -> str:  # type: ignore[override]
+        return str(getattr(self.fn, "__name__", "task"))
+
+    @property
+    def __wrapped__(self) -> Callable[..., Any]:
+        return self.fn
+
+
 def _run_chunk(fn: Callable[..., Any], chunk: _Chunk) -> Tuple[List[Any], Optional[BaseException]]:
     """Run ``fn`` over a chunk, stopping at the first exception: the results before it,
     and the exception (``None`` if there was none), which ``map`` raises at its item."""
@@ -580,7 +606,8 @@ class ParallelExecutor(Executor):
                 chunks = [_Chunk(items[i : i + chunksize], star) for i in range(0, len(items), chunksize)]
                 sizes = [len(chunk.items) for chunk in chunks]
                 del items
-                futures = [self.submit(_run_chunk, fn, chunk) for chunk in chunks]
+                run = NamedAfter(_run_chunk, fn)
+                futures = [self.submit(run, chunk) for chunk in chunks]
                 del chunks  # each chunk is let go with its task
         except BaseException:
             if bar is not None:

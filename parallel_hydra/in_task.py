@@ -91,8 +91,9 @@ class InTask:
             return in_task(*args, **kwargs)
 
         run.__name__ = getattr(self.fn, "__name__", "task")
-        run.__qualname__ = getattr(self.fn, "__qualname__", run.__name__)
-        run.__module__ = getattr(self.fn, "__module__", None) or __name__
+        named = getattr(self.fn, "__wrapped__", self.fn)  # (a map's chunk: its function)
+        run.__qualname__ = getattr(named, "__qualname__", run.__name__)
+        run.__module__ = getattr(named, "__module__", None) or __name__
         return run
 
     def __call__(self, /, *args: Any, **kwargs: Any) -> Any:

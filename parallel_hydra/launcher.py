@@ -42,6 +42,7 @@ from .checks import require_integer
 from .config import plain
 from .hydra_config import LAUNCHER_KEYS
 from .errors import EngineLostError, WorkerCrashedError
+from .executor import NamedAfter
 from .policy import CancellationPolicy
 from .sendable import sendable_exception, sendable_value
 
@@ -75,6 +76,19 @@ class JobInfo:
 
 
 # -- in the worker ----------------------------------------------------------------------
+
+
+def _execute_job_of(
+    task_function: TaskFunction,
+    job_num: int,
+    sweep_config: DictConfig,
+    hydra_context: HydraContext,
+    singleton_state: Dict[Any, Any],
+    launch_cwd: str,
+    task_file: Optional[str] = None,
+) -> Tuple[JobReturn, "JobInfo"]:
+    """:func:`execute_job` with the task function first, as :class:`NamedAfter` calls it."""
+    return execute_job(job_num, sweep_config, hydra_context, task_function, singleton_state, launch_cwd, task_file)
 
 
 def execute_job(
@@ -395,6 +409,8 @@ def launch(
         logger.info("\t#%d : %s", job.num, " ".join(filter_overrides(job.overrides)))
 
     tracker = _Tracker(jobs, fail_fast)
+    # Named after the app's task function, in the engines' messages and dashboards.
+    job_of_task = NamedAfter(_execute_job_of, task_function)
     state = Singleton.get_state()
     launch_cwd = os.getcwd()
     task_file = getattr(getattr(task_function, "__code__", None), "co_filename", None)
@@ -413,7 +429,7 @@ def launch(
                         sweep_config.hydra.job.id = f"{sweep_config.hydra.job.name}_{job.num}"
                         sweep_config.hydra.job.num = job.num
                     future = executor.submit(
-                        execute_job, job.num, sweep_config, hydra_context, task_function, state, launch_cwd, task_file
+                        job_of_task, job.num, sweep_config, hydra_context, state, launch_cwd, task_file
                     )
                     future.add_done_callback(lambda f, job=job: tracker.on_done(job, f))
                 if jobs:

@@ -10,6 +10,7 @@ from concurrent.futures import wait as futures_wait
 from typing import Any, Callable, Dict, Generic, List, Optional, TypeVar, Union
 
 from .backend import BaseParallelBackend, ConfigLike, check_n_jobs, init_parallel_backend
+from .executor import NamedAfter
 from .policy import CancellationPolicy
 from .progress import ProgressBar
 
@@ -201,6 +202,7 @@ class MapReduceJob(Generic[T, R]):
             seeds = _seed_sequence(seed).spawn(len(chunks))
         pass_seed = seed is not None and _accepts(self.map_func, "seed")
         pass_job_id = _accepts(self.map_func, "job_id")
+        call = NamedAfter(_call_map, self.map_func)
         with backend.executor(max_workers=backend.effective_n_jobs(len(chunks))) as executor:
             futures = []
             for job_id, chunk in enumerate(chunks):
@@ -209,7 +211,7 @@ class MapReduceJob(Generic[T, R]):
                     kwargs["seed"] = seeds[job_id]
                 if pass_job_id:
                     kwargs["job_id"] = job_id
-                futures.append(executor.submit(_call_map, self.map_func, chunk, kwargs))
+                futures.append(executor.submit(call, chunk, kwargs))
                 if bar is not None:
                     bar.follow(futures[-1], len(chunk) if splittable else 1)
             # (Inside a Ray task, through Ray: see ParallelExecutor._wait_in_engine.)

@@ -110,6 +110,18 @@ def exit_hard(code: int = 1) -> None:
     os._exit(code)
 
 
+def exit_on(x: int, bad: int) -> int:
+    """``x``, or the worker process ends at once where ``x == bad``."""
+    if x == bad:
+        os._exit(3)
+    return x
+
+
+def exit_on_any(chunk: Any) -> int:
+    """A MapReduceJob map function whose worker process ends."""
+    os._exit(3)
+
+
 def kill_self() -> None:
     """SIGKILL the worker process, as the out-of-memory killer does."""
     import signal

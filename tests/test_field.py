@@ -73,6 +73,18 @@ def test_a_crash_fails_its_own_task_and_nothing_else(backend: BaseParallelBacken
         assert list(executor.map(tasks.square, range(5))) == [0, 1, 4, 9, 16]
 
 
+def test_a_crash_in_a_map_chunk_or_a_map_reduce_job_names_the_users_function(backend: BaseParallelBackend) -> None:
+    # Both run the user's function inside helpers of ours; the messages name the function.
+    with backend.executor(max_workers=2) as executor:
+        with pytest.raises(WorkerCrashedError) as crash:
+            list(executor.map(tasks.exit_on, range(40), [13] * 40, chunksize=5))
+    with pytest.raises(WorkerCrashedError) as job_crash:
+        MapReduceJob(list(range(4)), tasks.exit_on_any, config=backend, n_jobs=2)()
+    for error, name in ((crash.value, "exit_on"), (job_crash.value, "exit_on_any")):
+        assert f"task {name} " in str(error) or f"task tasks.{name} " in str(error), str(error)
+        assert "_run_chunk" not in str(error) and "_call_map" not in str(error), str(error)
+
+
 def _outcome(future: cf.Future) -> object:
     """The future's result, or the exception it ended with."""
     error = future.exception(timeout=120)

@@ -157,6 +157,7 @@ sleep: 0.0
 fail: -1
 fail_after: 0.0
 beat: false
+crash: -1
 """
 
 # Each job logs, sleeps, and returns where and when it ran; ``fail`` names a job that
@@ -178,6 +179,8 @@ def main(cfg):
     if cfg.x == cfg.fail:
         time.sleep(cfg.fail_after)
         raise ValueError(f"boom {cfg.x}")
+    if cfg.x == cfg.crash:
+        os._exit(3)
     if cfg.beat:
         path = os.path.join(os.environ["BEAT_DIR"], f"beat{cfg.x}")
         while time.time() < start + 300:
@@ -330,6 +333,20 @@ def test_a_failed_job_is_reported_at_once_and_the_others_go_on(app: Path) -> Non
     assert _stamp(reported[0]) < _stamp(done[0])
     log = failed_log.read_text()
     assert "Traceback" in log and 'raise ValueError(f"boom {cfg.x}")' in log
+    assert leftovers(run.marker) == []
+
+
+@pytest.mark.parametrize("engine", ["joblib", "ray", "dask"])
+def test_a_job_whose_worker_dies_is_reported_naming_the_apps_task_function(app: Path, engine: str) -> None:
+    run = sweep(app, f"hydra/launcher=parallel_{engine}", "hydra.launcher.n_cpus=2", "x=0,1,2", "crash=1")
+    assert run.returncode != 0
+    statuses = [line["status"] for line in results(app)]
+    assert statuses[1] == "FAILED", statuses
+    # (On joblib, loky also stops the job the other worker runs: it is not run again.)
+    assert statuses.count("COMPLETED") >= 1, statuses
+    reported = [line for line in run.output.splitlines() if re.search(r"job #1 \(x=1 .*\) failed: WorkerCrashedError", line)]
+    assert len(reported) == 1, run.output[-4000:]
+    assert "task main " in reported[0] and "execute_job" not in run.output, reported[0]
     assert leftovers(run.marker) == []
 
 

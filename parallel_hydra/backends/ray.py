@@ -45,7 +45,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Set, 
 from ..backend import BaseParallelBackend, SizedJoblibBackend, available_cpus
 from ..config import ParallelConfig, RayConfig, RayTaskOptions, plain
 from ..errors import EngineLostError, WorkerCrashedError
-from ..executor import DoneCallback, TaskRunner
+from ..executor import DoneCallback, NamedAfter, TaskRunner
 from ..in_task import InTask
 from .network import is_loopback, split_host_port, wait_for_listener
 from .ray_reaper import BatchReaper
@@ -449,6 +449,8 @@ def _submit(cache: _RemoteCache, fn: Callable[..., Any], args: Tuple[Any, ...], 
 def _task_name(fn: Any) -> str:
     """A readable name of a task's callable, for messages."""
     if isinstance(fn, InTask):  # the executor's wrapper: name what it wraps (and cheaply)
+        fn = fn.fn
+    if isinstance(fn, NamedAfter):  # a map's chunk: named after the user's function
         fn = fn.fn
     inner = getattr(fn, "func", None)  # functools.partial
     if inner is not None and not hasattr(fn, "__qualname__"):
