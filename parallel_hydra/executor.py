@@ -765,9 +765,10 @@ class ParallelExecutor(Executor):
         for there (:meth:`TaskRunner.lends_while_waiting`: a Ray task waiting for its
         own Ray tasks); elsewhere return at once, for the caller to wait as usual.
 
-        The engine is asked about the tasks in flight, each only until it says that
-        task ended: its future is settled a moment later, by the thread that hears of
-        ends, and the caller's own wait takes only that moment.
+        The engine is asked about the tasks in flight (up to 64 at a time: any end
+        will do), each only until it says that task ended: its future is settled a
+        moment later, by the thread that hears of ends, and the caller's own wait takes
+        only that moment.
         """
         if not self._lends:
             return
@@ -779,7 +780,7 @@ class ParallelExecutor(Executor):
             with self._lock:
                 task = None if future is None else future._task
                 watched = [task] if task is not None and task in self._in_flight else list(self._in_flight)
-                tokens = [t.token for t in watched if t.token is not None and t.token not in ended]
+                tokens = [t.token for t in watched if t.token is not None and t.token not in ended][:64]
             if not tokens:  # they ended and are being settled, or none was handed over yet
                 time.sleep(0.002)
                 continue
