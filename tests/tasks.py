@@ -151,21 +151,6 @@ def return_unpicklable() -> Any:
     return threading.Lock()
 
 
-def _refuse_to_load(message: str) -> Any:
-    raise ValueError(message)
-
-
-class Unloadable:
-    """Pickles in the worker, fails to unpickle in the caller."""
-
-    def __reduce__(self) -> Any:
-        return _refuse_to_load, ("this result does not unpickle",)
-
-
-def return_unloadable() -> Any:
-    return Unloadable()
-
-
 def keywords(**kwargs: Any) -> Any:
     """Return the keyword arguments the task received, sorted."""
     return sorted(kwargs.items())

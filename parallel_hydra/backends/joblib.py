@@ -5,21 +5,12 @@ share: a new executor finds the workers started and warm (their imports done), a
 loky's reusable executor does for ``joblib.Parallel``. loky queues submitted work
 itself and moves up to ``2 * size + 1`` tasks to its workers ahead of the running ones.
 An executor whose ``max_workers`` is the pool's size is bounded by the pool: under a
-policy that never cancels pending tasks (``NONE``, ``RUNNING``) it hands the pool every
-task at once, as a user of loky's executor does; under ``PENDING`` it hands over
+policy that never cancels pending tasks (``NONE``, ``RUNNING``) it hands loky every task
+at once, as a user of loky's executor does; under ``PENDING`` it hands over
 ``2 * max_workers`` at a time, so that no more than ``max_workers`` wait at a worker.
 An executor with fewer ``max_workers`` is bounded by its own count of tasks in flight.
 Tasks still in loky's queue can be taken back (``future.cancel()``, ``PENDING``).
 Workers outlive executors, not the backend: its ``shutdown`` stops them.
-
-What an executor hands over all at once does not all go to loky at once: the pool keeps
-``2 * size + 1`` loky calls out (what loky moves to its workers anyway) and holds the
-rest, cancellable, until calls come back. Then it sends them in batches, several tasks
-to one loky call, sized by the time the tasks take (about 5 ms a batch; tasks longer
-than that go alone): a loky call costs the submitting process more than a trivial task
-takes, which is why ``joblib.Parallel`` batches too. Each task of a batch still notes
-its start, fails or succeeds on its own, and its outcome travels pickled on its own, so
-that one that cannot be pickled or unpickled fails only its own task.
 
 A loky pool is all or nothing: one dead worker fails every unfinished task of the pool,
 and loky kills the pool's other workers with the tasks they run. The backend keeps the
@@ -40,7 +31,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
 import pickle
 import shutil
@@ -56,8 +46,7 @@ from concurrent.futures import TimeoutError as FuturesTimeoutError
 from concurrent.futures import wait as futures_wait
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.connection import wait as mp_wait
-from collections import deque
-from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Set, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
 
 from joblib._parallel_backends import LokyBackend
 from joblib.externals.loky.backend.utils import kill_process_tree
@@ -253,16 +242,11 @@ _exit_hook_after_loky = False
 #: Times a task is run again because other tasks' crashes took its pool down.
 _MAX_RERUNS = 3
 
-#: The most tasks in one batch, and about the longest a batch should take: a task in a
-#: batch is reported when the whole batch ends.
-_MAX_BATCH = 64
-_BATCH_SECONDS = 0.005
-
 
 class _LokyTask:
     """The token of one task: what to run, and where it is now."""
 
-    __slots__ = ("call", "on_done", "future", "pool", "withdrawn", "stopped", "reruns", "held", "batch")
+    __slots__ = ("call", "on_done", "future", "pool", "withdrawn", "stopped", "reruns")
 
     def __init__(self, call: LoggedCall, on_done: DoneCallback) -> None:
         self.call = call
@@ -272,57 +256,6 @@ class _LokyTask:
         self.withdrawn = False
         self.stopped = False
         self.reruns = 0
-        self.held = False  # waiting in the pool's own queue to leave in a batch
-        self.batch: Optional[List["_LokyTask"]] = None  # the batch it left in, if any
-
-
-class _Unsendable:
-    """Stands for a task's outcome that could not be pickled in the worker."""
-
-    __slots__ = ("text",)
-
-    def __init__(self, text: str) -> None:
-        self.text = text
-
-
-def _packed(ok: bool, value: Any) -> Tuple[bool, bytes]:
-    """One outcome of a batch, pickled on its own: one that cannot travel (either way)
-    then fails its own task only, not its batch-mates or the pool."""
-    try:
-        return ok, pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
-    except Exception:  # a class defined in the app's __main__, say: cloudpickle sends it
-        pass
-    try:
-        return ok, cloudpickle_dumps(value)
-    except Exception as exc:
-        return False, pickle.dumps(_Unsendable(f"{type(exc).__name__}: {exc}"))
-
-
-class _Batch:
-    """Several tasks as one loky call, run in turn by one worker.
-
-    Each task notes its start in the start log as it begins, so that a crash blames the
-    right one and a batch-mate that had not started runs again elsewhere. Returns each
-    task's outcome pickled on its own (see :func:`_packed`), and the seconds the batch
-    took, by which the pool sizes the next ones.
-    """
-
-    __slots__ = ("calls",)
-
-    def __init__(self, calls: List[LoggedCall]) -> None:
-        self.calls = calls
-
-    def __call__(self) -> Tuple[List[Tuple[bool, bytes]], float]:
-        from joblib.externals.loky.process_executor import _ExceptionWithTraceback
-
-        start = time.perf_counter()
-        outcomes = []
-        for call in self.calls:
-            try:
-                outcomes.append(_packed(True, call()))
-            except BaseException as exc:  # as loky reports one task's: with the worker's traceback
-                outcomes.append(_packed(False, _ExceptionWithTraceback(exc)))
-        return outcomes, time.perf_counter() - start
 
 
 class _LokyPool:
@@ -352,28 +285,10 @@ class _LokyPool:
         self._live: Dict[int, _LokyTask] = {}  # submitted to a pool, not yet reported
         self._broken_pools: "weakref.WeakSet[ProcessPoolExecutor]" = weakref.WeakSet()
         self._killed: Set[int] = set()  # worker PIDs stop() killed, not yet seen dead
-        # Tasks of executors that hand over everything at once (batchable) wait here
-        # while `depth` loky calls are out, and leave in batches as calls come back:
-        # one loky call per task costs the submitting process more than a trivial task
-        # takes, as joblib.Parallel's automatic batching also finds.
-        self._depth = 2 * size + 1
-        self._calls_out = 0
-        self._held: Deque[_LokyTask] = deque()
-        self._task_seconds: Optional[float] = None  # a batched task's time, smoothed
-        self._unmeasured = 0  # tasks sent alone since the last batch (which measures)
-        self._closed = False
 
-    def start(
-        self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any], on_done: DoneCallback, batchable: bool
-    ) -> Any:
+    def start(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any], on_done: DoneCallback) -> Any:
         task = _LokyTask(self._log.call(fn, args, kwargs), on_done)
         if not _has_handles(args, kwargs):
-            if batchable:
-                with self._lock:
-                    if self._calls_out >= self._depth:
-                        task.held = True
-                        self._held.append(task)
-                        return task
             self._submit(task, resolved=True)
             return task
         waiting = _unready_handles(args, kwargs)
@@ -404,14 +319,14 @@ class _LokyPool:
         with self._lock:
             if task.withdrawn or task.stopped:
                 return
-            pool = self._current_pool()
+            if self._pool is None:
+                self._pool = _new_loky_pool(self.size, self._idle_timeout, self._env)
+            pool = self._pool
             task.pool = pool
-            task.batch = None
             self._live[call.number] = task
             # Submitted under the lock, so that stop() and a crash see the future.
             future = pool.submit(call)
             task.future = future
-            self._calls_out += 1
         global _exit_hook_after_loky
         if not _exit_hook_after_loky:
             # loky's exit hook exists now (its first pool started): ours must run
@@ -420,136 +335,12 @@ class _LokyPool:
             _register_exit_hook(again=True)
         future.add_done_callback(functools.partial(self._reported, task, pool))
 
-    def _call_back(self) -> None:
-        """A loky call came back (not taken back): send what waits, if anything does."""
-        with self._lock:
-            self._calls_out -= 1
-            if not self._held:
-                return
-        self._send_held()
-
-    def _send_held(self) -> None:
-        """Send held tasks, in batches, while fewer than ``depth`` loky calls are out.
-
-        A batch's size follows the time its tasks take (up to ``_BATCH_SECONDS`` a
-        batch), and what waits is spread over the workers. Tasks known to take longer
-        than a batch should go alone, as plain calls (no per-result pickling), with
-        one in 16 sent as a batch of one to measure them again.
-        """
-        while True:
-            with self._lock:
-                if not self._held or self._calls_out >= self._depth:
-                    return
-                size = 1
-                seconds = self._task_seconds
-                if seconds is not None:
-                    by_time = int(_BATCH_SECONDS / seconds) if seconds > 0 else _MAX_BATCH
-                    share = -(-len(self._held) // self.size)  # what waits, spread over the workers
-                    size = max(1, min(_MAX_BATCH, by_time, share))
-                batch = [self._held.popleft() for _ in range(min(size, len(self._held)))]
-                for task in batch:
-                    task.held = False
-                alone = len(batch) == 1 and seconds is not None and self._unmeasured < 16
-                self._unmeasured = self._unmeasured + 1 if alone else 0
-                failed: Optional[Exception] = None
-                if not alone:
-                    try:
-                        pool = self._current_pool()
-                        future = pool.submit(_Batch([task.call for task in batch]))
-                    except Exception as exc:  # no pool: these tasks fail, nothing waits
-                        failed = exc
-                    else:
-                        self._calls_out += 1
-                        for task in batch:
-                            task.pool, task.future, task.batch = pool, future, batch
-                            self._live[task.call.number] = task
-            if alone:
-                try:
-                    self._submit(batch[0], resolved=True)
-                except Exception as exc:
-                    failed = exc
-            if failed is not None:
-                for task in batch:
-                    task.on_done(False, failed)
-                continue
-            if not alone:
-                future.add_done_callback(functools.partial(self._batch_reported, batch, pool))
-
-    def _send_alone(self, task: _LokyTask) -> None:
-        """Send one task as a batch of its own, whatever is out already."""
-        with self._lock:
-            if task.withdrawn or task.stopped:
-                return
-            pool = self._current_pool()
-            batch = [task]
-            task.pool, task.batch = pool, batch
-            self._live[task.call.number] = task
-            future = task.future = pool.submit(_Batch([task.call]))
-            self._calls_out += 1
-        future.add_done_callback(functools.partial(self._batch_reported, batch, pool))
-
-    def _batch_reported(self, batch: List[_LokyTask], pool: ProcessPoolExecutor, future: Future) -> None:
-        """loky's report on a batch: each task's own outcome, unpickled on its own."""
-        try:
-            error = future.exception(0)
-        except CancelledError:
-            return  # taken back (withdraw() counted the call in)
-        if isinstance(error, BrokenProcessPool):
-            self._pool_broke(pool, error)
-            self._call_back()
-            return
-        # (As in _reported: the pop decides, against stop(), withdraw() and a crash.)
-        mine = [t for t in batch if t.future is future and not t.stopped and self._live.pop(t.call.number, None) is not None]
-        if error is not None:
-            unsent = isinstance(error, pickle.PicklingError) and "Could not pickle the task" in str(error)
-            for task in mine:
-                if unsent and len(batch) > 1:
-                    # Nothing of the batch left this process: each task goes again as a
-                    # batch of its own, so that only the one that does not pickle fails.
-                    try:
-                        self._send_alone(task)
-                    except Exception as exc:  # the backend is shut down
-                        task.on_done(False, exc)
-                    continue
-                call, on_done = task.call, task.on_done
-                task.call = task.future = task.on_done = task.batch = None  # type: ignore[assignment]
-                on_done(False, _translated(error, getattr(call.fn, "__name__", ""), call) if unsent else error)
-            self._call_back()
-            return
-        outcomes, seconds = future.result()
-        per_task = seconds / len(batch)
-        previous = self._task_seconds
-        self._task_seconds = per_task if previous is None else 0.7 * previous + 0.3 * per_task
-        reported = set(map(id, mine))
-        for task, (ok, payload) in zip(batch, outcomes):
-            if id(task) not in reported:
-                continue
-            name = getattr(task.call.fn, "__name__", "")
-            on_done = task.on_done
-            task.call = task.future = task.on_done = task.batch = None  # type: ignore[assignment]
-            try:
-                value = pickle.loads(payload)
-            except Exception as exc:
-                ok, value = False, pickle.UnpicklingError(
-                    f"the result of task {name} could not be unpickled here: {type(exc).__name__}: {exc}"
-                )
-            if type(value) is _Unsendable:
-                ok, value = False, pickle.PicklingError(f"the result of task {name} could not be pickled: {value.text}")
-            on_done(ok, value)
-        self._call_back()
-
     def _reported(self, task: _LokyTask, pool: ProcessPoolExecutor, future: Future) -> None:
         """loky's report on one task; a broken pool is handled once for all its tasks."""
         try:
             error = future.exception(0)
         except CancelledError:
-            return  # taken back (withdraw() counted the call in)
-        try:
-            self._report_one(task, pool, future, error)
-        finally:
-            self._call_back()
-
-    def _report_one(self, task: _LokyTask, pool: ProcessPoolExecutor, future: Future, error: Optional[BaseException]) -> None:
+            return
         if isinstance(error, BrokenProcessPool):
             self._pool_broke(pool, error)
             return
@@ -673,30 +464,19 @@ class _LokyPool:
 
     def withdraw(self, tokens: List[Any]) -> List[bool]:
         # loky's cancel() says True again for a future cancelled before; the lock makes
-        # sure only one caller takes a task back. A task that left in a batch is not
-        # taken back: the pool sends batches only as workers free up (``depth``), so
-        # loky hands them to its workers at once.
+        # sure only one caller takes a task back.
         taken = []
-        unheld: Set[int] = set()
         with self._lock:
             for task in tokens:
                 ok = False
                 if task is not None and task.call is not None and not task.withdrawn and not task.stopped:
-                    if task.held:  # still here, in no loky call
-                        task.held = False
-                        unheld.add(id(task))
+                    if task.future is None:  # still waiting for its handle arguments
                         ok = True
-                    elif task.future is None:  # still waiting for its handle arguments
+                    elif not task.future.cancelled() and task.future.cancel():
                         ok = True
-                    elif task.batch is None and not task.future.cancelled() and task.future.cancel():
-                        ok = True
-                        self._calls_out -= 1
                         self._live.pop(task.call.number, None)
                     task.withdrawn = ok
                 taken.append(ok)
-            if unheld:
-                self._held = deque(t for t in self._held if id(t) not in unheld)
-        self._send_held()  # (a call taken back makes room)
         return taken
 
     def stop(self, tokens: List[Any]) -> None:
@@ -707,12 +487,8 @@ class _LokyPool:
         with self._lock:
             numbers = set()
             pools = set()
-            unheld = {id(task) for task in tokens if task.held}
-            if unheld:  # (in no loky call: nothing to kill for them)
-                self._held = deque(t for t in self._held if id(t) not in unheld)
             for task in tokens:
                 task.stopped = True
-                task.held = False
                 if task.call is not None and self._live.pop(task.call.number, None) is not None:
                     numbers.add(task.call.number)
                     pools.add(task.pool)
@@ -738,17 +514,8 @@ class _LokyPool:
         """Stop the workers; called by the backend once its executors are shut down."""
         with self._lock:
             pool, self._pool = self._pool, None
-            self._closed = True
         if pool is not None:
             pool.shutdown(wait=True)
-
-    def _current_pool(self) -> ProcessPoolExecutor:
-        """The pool tasks go to now, started if there is none. Lock held."""
-        if self._closed:
-            raise RuntimeError("the joblib backend is shut down")
-        if self._pool is None:
-            self._pool = _new_loky_pool(self.size, self._idle_timeout, self._env)
-        return self._pool
 
 
 class _SizedLokyBackend(SizedJoblibBackend, LokyBackend):
@@ -770,12 +537,6 @@ class _LokyRunner(TaskRunner):
 
     def __init__(self, pool: _LokyPool) -> None:
         self._pool = pool
-        self._batchable = False
-
-    def expect_in_flight(self, limit: float) -> None:
-        # Every task handed over at once: the pool may batch them (nothing of PENDING's
-        # exact count of what waits to keep).
-        self._batchable = math.isinf(limit)
 
     def enforces_bound(self, max_workers: int) -> bool:
         return self._pool.size <= max_workers
@@ -784,7 +545,7 @@ class _LokyRunner(TaskRunner):
         return True
 
     def start(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any], options: Mapping[str, Any], on_done: DoneCallback) -> Any:
-        return self._pool.start(fn, args, kwargs, on_done, self._batchable)
+        return self._pool.start(fn, args, kwargs, on_done)
 
     def withdraw(self, tokens: List[Any]) -> List[bool]:
         return self._pool.withdraw(tokens)
