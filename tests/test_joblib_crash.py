@@ -7,6 +7,8 @@ never runs a second time; tasks no worker had started run on a new pool, once.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 
@@ -42,6 +44,17 @@ def test_a_crash_stops_the_started_neighbor_once_and_reruns_the_unstarted(tmp_pa
         time.sleep(0.5)  # a neighbour run again by mistake would have appended by now
     assert _lines(started) == 1, "the started neighbour ran a second time"
     assert _lines(tmp_path / "ran") == 6, "an unstarted task ran twice, or not at all"
+
+
+def test_a_worker_that_died_idle_fails_no_later_task() -> None:
+    # The out-of-memory killer, or a stray kill, may end a worker between tasks. loky
+    # then marks its pool broken, and refuses new tasks; no task of ours was on it.
+    with JoblibParallelBackend(n_cpus=2) as backend:
+        with backend.executor(cancel_futures="NONE") as executor:
+            pid = executor.submit(os.getpid).result(timeout=60)
+            os.kill(pid, signal.SIGKILL)
+            time.sleep(1.0)  # loky has seen the death by now
+            assert [f.result(timeout=60) for f in [executor.submit(tasks.add, i, 1) for i in range(4)]] == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("policy", ["RUNNING", "ALL"])

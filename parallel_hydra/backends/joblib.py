@@ -322,11 +322,20 @@ class _LokyPool:
             if self._pool is None:
                 self._pool = _new_loky_pool(self.size, self._idle_timeout, self._env)
             pool = self._pool
+            # Submitted under the lock, so that stop() and a crash see the future; live
+            # only once loky took it. loky refuses a task for a pool it found broken
+            # before _pool_broke heard of it: the task never left, so a new pool takes
+            # it (a task that failed here must not be found live and run by _recover).
+            try:
+                future = pool.submit(call)
+            except BrokenProcessPool:
+                if self._pool is pool:
+                    self._pool = None
+                pool = self._pool = self._pool or _new_loky_pool(self.size, self._idle_timeout, self._env)
+                future = pool.submit(call)
             task.pool = pool
-            self._live[call.number] = task
-            # Submitted under the lock, so that stop() and a crash see the future.
-            future = pool.submit(call)
             task.future = future
+            self._live[call.number] = task
         global _exit_hook_after_loky
         if not _exit_hook_after_loky:
             # loky's exit hook exists now (its first pool started): ours must run
