@@ -313,6 +313,8 @@ class _Task:
         Dask would compute it again if that worker died)."""
         self.fn = self.args = self.kwargs = self.token = None
         self.future._executor = self.future._task = None
+        if self.future._lender is not None:  # (only in a Ray task: see _wait_in_engine)
+            self.future._lender = None
 
 
 class _Report:
