@@ -416,6 +416,13 @@ class _DaskRunner(TaskRunner):
         if isinstance(error, distributed.KilledWorker):
             return self._worker_died(task, error)
         if self._log is None and isinstance(error, TypeError) and str(error).startswith("Could not serialize object"):
+            # Some Dask versions send a task's arguments after submit returned: the
+            # error then arrives here, for an argument as for a result. Name which.
+            fn, args, kwargs = task.fn, task.args, task.kwargs  # (None once stop() let go of them)
+            if fn is not None and args is not None and kwargs is not None:
+                named = unpicklable_part(fn, args, kwargs, error, _dask_dumps, "a Dask worker")
+                if named is not None:
+                    return named
             failure = pickle.PicklingError(
                 f"the result of task {_name_of(task.fn)} could not be pickled to be sent back: {error}"
             )
