@@ -95,16 +95,21 @@ def _start(script: Path, args: list, beat_dir: Path) -> "tuple[subprocess.Popen,
     return proc, marker
 
 
-@pytest.mark.parametrize("engine", ENGINES)
-def test_ctrl_c_on_the_process_group_stops_the_app_and_everything_it_started(engine: str, tmp_path: Path) -> None:
+def _start_interrupted_app(tmp_path: Path, engine: str, beat_dir: Path) -> "tuple[subprocess.Popen, str]":
+    """The app of long tasks above, on ``engine``, started in its own process group."""
     app_dir = tmp_path / "app"
     app_dir.mkdir()
     (app_dir / "config.yaml").write_text("defaults:\n  - parallel: joblib\n  - _self_\n")
     script = app_dir / "train.py"
     script.write_text(INTERRUPTED_APP)
-    beat_dir = tmp_path / "beats"
     beat_dir.mkdir()
-    proc, marker = _start(script, [f"parallel={engine}", "parallel.n_cpus=2"], beat_dir)
+    return _start(script, [f"parallel={engine}", "parallel.n_cpus=2"], beat_dir)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_ctrl_c_on_the_process_group_stops_the_app_and_everything_it_started(engine: str, tmp_path: Path) -> None:
+    beat_dir = tmp_path / "beats"
+    proc, marker = _start_interrupted_app(tmp_path, engine, beat_dir)
     try:
         started = wait_until(lambda: len(list(beat_dir.glob("beat*"))) >= 2, 120)
         assert started, "the app's tasks never started"
@@ -134,14 +139,8 @@ def test_an_app_ended_by_a_signal_to_it_alone_leaves_nothing_running(engine: str
     # `kill PID`, a process manager, or the out-of-memory killer: only the app gets the
     # signal, and it may run no clean-up at all. Its workers must notice and end, with
     # the tasks they run (the app's tasks start no processes of their own here).
-    app_dir = tmp_path / "app"
-    app_dir.mkdir()
-    (app_dir / "config.yaml").write_text("defaults:\n  - parallel: joblib\n  - _self_\n")
-    script = app_dir / "train.py"
-    script.write_text(INTERRUPTED_APP)
     beat_dir = tmp_path / "beats"
-    beat_dir.mkdir()
-    proc, marker = _start(script, [f"parallel={engine}", "parallel.n_cpus=2"], beat_dir)
+    proc, marker = _start_interrupted_app(tmp_path, engine, beat_dir)
     try:
         assert wait_until(lambda: len(list(beat_dir.glob("beat*"))) >= 2, 120), "the app's tasks never started"
         os.kill(proc.pid, getattr(signal, how))
