@@ -104,12 +104,17 @@ class TaskRunner(ABC):
         """
 
     @abstractmethod
-    def stop(self, tokens: List[Any]) -> None:
+    def stop(self, tokens: List[Any]) -> Optional[List[Any]]:
         """Really stop the tasks behind ``tokens``, which the engine was handed.
 
         Marking them is not enough: the work must end (kill the worker, interrupt the
         task). The executor has already forgotten these tasks, so ``on_done`` calls
         that still arrive for them are ignored. Later ``start`` calls must still work.
+
+        May return the tokens among them whose tasks turn out, once the work has
+        ended, never to have started (an engine that sends tasks to a worker in
+        batches cannot take back one that waits behind a running one): the executor
+        treats those as pending, not running.
         """
 
     def close(self) -> None:
@@ -349,6 +354,9 @@ class _Chunk:
 
     def __reduce__(self) -> Tuple[Any, Tuple[Any, ...]]:
         return _Chunk, (self.items, self.star)
+
+    def __len__(self) -> int:
+        return len(self.items)
 
 
 class NamedAfter:
@@ -964,12 +972,20 @@ class ParallelExecutor(Executor):
                 # A task whose start() has not returned yet is stopped when it does.
                 task.stop_pending = task.token is None
         tokens = [task.token for task in victims if task.token is not None]
+        unstarted: Set[int] = set()
         if tokens:
             logger.debug("stopping %d running task(s)", len(tokens))
             try:
-                self._runner.stop(tokens)
+                unstarted = {id(token) for token in self._runner.stop(tokens) or ()}
             except Exception:  # the futures below are cancelled all the same: no caller waits forever
                 logger.exception("the engine failed to stop %d running task(s); they may run on", len(tokens))
+        if unstarted:  # pending after all: cancelled or kept as pending tasks are
+            pending = [task for task in victims if id(task.token) in unstarted]
+            victims = [task for task in victims if id(task.token) not in unstarted]
+            if keep_pending:
+                spared.extend(pending)
+            else:
+                victims.extend(pending)
         for task in victims:
             task.future._cancel_running()
             if not task.stop_pending:

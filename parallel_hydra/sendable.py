@@ -45,9 +45,12 @@ def _pickler() -> Any:
     return cloudpickle
 
 
-def cloudpickle_dumps(obj: Any) -> bytes:
-    """``obj`` pickled as loky and the engines pickle it."""
-    return _pickler().dumps(obj)  # type: ignore[no-any-return]
+def cloudpickle_dumps(obj: Any, buffer_callback: Optional[Callable[[Any], Any]] = None) -> bytes:
+    """``obj`` pickled as loky and the engines pickle it; with ``buffer_callback``,
+    large buffers go to it out of band (pickle protocol 5)."""
+    if buffer_callback is None:
+        return _pickler().dumps(obj)  # type: ignore[no-any-return]
+    return _pickler().dumps(obj, protocol=5, buffer_callback=buffer_callback)  # type: ignore[no-any-return]
 
 
 def _travels(obj: Any) -> bool:

@@ -251,3 +251,26 @@ def log_oddly(x: int) -> int:
     logging.getLogger("tasks.oddly").warning("loss %d", "nan")
     logging.getLogger("tasks.oddly").warning("done %s", x, extra={"lock": threading.Lock()})
     return x
+
+
+def _refuse_to_load(message: str) -> Any:
+    raise ValueError(message)
+
+
+class Unloadable:
+    """Pickles in the worker, fails to unpickle in the caller."""
+
+    def __reduce__(self) -> Any:
+        return _refuse_to_load, ("this result does not unpickle",)
+
+
+def maybe_unloadable(unloadable: bool) -> Any:
+    """A result that fails to unpickle in the caller, or (``False``) a plain one."""
+    return Unloadable() if unloadable else 1
+
+
+def touch_or_exit(path: str, value: Any, exit: bool) -> Any:
+    """``touch``, or (``exit``) end the worker process at once."""
+    if exit:
+        os._exit(3)
+    return touch(path, value)

@@ -12,6 +12,15 @@ An executor with fewer ``max_workers`` is bounded by its own count of tasks in f
 Tasks still in loky's queue can be taken back (``future.cancel()``, ``PENDING``).
 Workers outlive executors, not the backend: its ``shutdown`` stops them.
 
+What an executor hands over all at once does not all go to loky at once. The pool keeps
+``2 * size + 1`` such loky calls out (what loky moves to its workers anyway) and holds
+the rest, cancellable, until calls come back; then it sends them in batches, several
+tasks of one function to one loky call, sized by the time the function's tasks take
+(about 5 ms a batch: tasks slower than that, or with large arguments, go alone). One
+loky call costs the submitting process more than a trivial task takes, which is why
+``joblib.Parallel`` batches too (see :mod:`.loky_batch`). Each task of a batch still
+notes its own start, and its outcome travels pickled on its own.
+
 A loky pool is all or nothing: one dead worker fails every unfinished task of the pool,
 and loky kills the pool's other workers with the tasks they run. The backend keeps the
 damage to what had started (see :class:`_LokyPool`): each task notes its start in the
@@ -31,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import pickle
 import shutil
@@ -41,12 +51,13 @@ import threading
 import time
 import uuid
 import weakref
+from collections import deque
 from concurrent.futures import FIRST_COMPLETED, CancelledError, Future
 from concurrent.futures import TimeoutError as FuturesTimeoutError
 from concurrent.futures import wait as futures_wait
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing.connection import wait as mp_wait
-from typing import Any, Callable, Dict, List, Mapping, Optional, Set, Tuple
+from typing import Any, Callable, Deque, Dict, List, Mapping, Optional, Set, Tuple
 
 from joblib._parallel_backends import LokyBackend
 from joblib.externals.loky.backend.utils import kill_process_tree
@@ -56,9 +67,10 @@ from ..backend import BaseParallelBackend, SizedJoblibBackend, available_cpus
 from ..config import JoblibConfig, ParallelConfig
 from ..errors import NeighborCrashedError, WorkerCrashedError, describe_exit
 from ..executor import DoneCallback, TaskRunner, _register_exit_hook
-from ..in_task import thread_environment
+from ..in_task import InTask, thread_environment
 from ..start_log import LoggedCall, StartLog
 from ..sendable import cloudpickle_dumps, unpicklable_part
+from .loky_batch import Batch, Pace, light, unpacked
 
 __all__ = ["JoblibParallelBackend", "LocalHandle"]
 
@@ -184,19 +196,14 @@ def _copy_outcome(target: Future, source: Future) -> None:
         target.set_exception(error)
 
 
-def _translated(error: BaseException, name: str, call: LoggedCall) -> BaseException:
-    """A task's error as every engine reports it: a result that loky could not pickle
-    back (loky says so only in the remote traceback) becomes ``PicklingError``, and so
-    does a task loky could not pickle to send, naming what could not be pickled."""
+def _translated(error: BaseException, call: LoggedCall) -> BaseException:
+    """loky's error for a task as every engine reports it: a task loky could not pickle
+    to send fails with ``PicklingError`` naming what could not be pickled. (A result
+    that cannot travel is reported by the worker itself: see :mod:`.loky_batch`.)"""
     if isinstance(error, pickle.PicklingError) and "Could not pickle the task" in str(error):
         named = unpicklable_part(call.fn, call.args, call.kwargs, error, cloudpickle_dumps, "a loky worker")
         if named is not None:
             return named
-    remote = str(error.__cause__ or "")
-    if "_sendback_result" in remote and not isinstance(error, pickle.PicklingError):
-        translated = pickle.PicklingError(f"the result of task {name} could not be pickled: {type(error).__name__}: {error}")
-        translated.__cause__ = error
-        return translated
     return error
 
 
@@ -229,6 +236,15 @@ def _end_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="parallel_hydra-parent-watch", daemon=True).start()
 
 
+def _ended(process: Any) -> bool:
+    """Whether a worker process has ended. (Its ``exitcode`` may still say ``None`` for
+    a moment when loky's own thread is reaping it.)"""
+    try:
+        return process.exitcode is not None or bool(mp_wait([process.sentinel], timeout=0))
+    except ValueError:  # closed: loky joined it
+        return True
+
+
 def _new_loky_pool(size: int, idle_timeout: float, env: Optional[Dict[str, str]] = None) -> ProcessPoolExecutor:
     """A loky pool whose workers end with this process (see :func:`_end_with_parent`)."""
     return ProcessPoolExecutor(
@@ -236,8 +252,18 @@ def _new_loky_pool(size: int, idle_timeout: float, env: Optional[Dict[str, str]]
     )
 
 
-#: Whether the executors' exit hook was registered again after loky's own (see _submit).
+#: Whether the executors' exit hook was registered again after loky's own.
 _exit_hook_after_loky = False
+
+
+def _after_loky_started() -> None:
+    """After a task went to loky: loky's exit hook exists now (its first pool started),
+    and ours must run before it, or executors' queued tasks could not reach loky at exit."""
+    global _exit_hook_after_loky
+    if not _exit_hook_after_loky:
+        _exit_hook_after_loky = True
+        _register_exit_hook(again=True)
+
 
 #: Times a task is run again because other tasks' crashes took its pool down.
 _MAX_RERUNS = 3
@@ -246,9 +272,9 @@ _MAX_RERUNS = 3
 class _LokyTask:
     """The token of one task: what to run, and where it is now."""
 
-    __slots__ = ("call", "on_done", "future", "pool", "withdrawn", "stopped", "reruns")
+    __slots__ = ("call", "on_done", "future", "pool", "withdrawn", "stopped", "reruns", "pace", "held", "batch", "counted")
 
-    def __init__(self, call: LoggedCall, on_done: DoneCallback) -> None:
+    def __init__(self, call: LoggedCall, on_done: DoneCallback, pace: Optional[Pace] = None) -> None:
         self.call = call
         self.on_done = on_done
         self.future: Optional[Future] = None  # loky's, once the task is submitted to a pool
@@ -256,6 +282,10 @@ class _LokyTask:
         self.withdrawn = False
         self.stopped = False
         self.reruns = 0
+        self.pace = pace  # its function's, if it may be batched
+        self.held = False  # in the pool's own queue, in no loky call yet
+        self.batch: Optional[List["_LokyTask"]] = None  # the tasks of its loky call (itself, if alone)
+        self.counted = False  # its loky call counts among the held tasks' calls out
 
 
 class _LokyPool:
@@ -266,10 +296,16 @@ class _LokyPool:
     keeps that to the tasks that had started: the one running in the dead process (the
     start log says which) fails with :class:`WorkerCrashedError`; those the killed
     workers had started fail with :class:`NeighborCrashedError`, since running them again
-    could repeat their effects; the pool's tasks no worker had started, of every
-    executor, go to a new pool as if nothing happened. Stopping tasks (the ``RUNNING``
-    policy) uses the same path: their workers are killed. A new pool is started on the
-    next task after that, never before.
+    could repeat their effects (so do the tasks that had finished in a batch with one of
+    those: their results die with the batch); the pool's tasks no worker had started, of
+    every executor, go to a new pool as if nothing happened. Stopping tasks (the
+    ``RUNNING`` policy) uses the same path: their workers are killed, and the stopped
+    tasks that turn out not to have started are given back to their executor. A new
+    pool is started on the next task after that, never before.
+
+    Every task reaches loky as a :class:`~.loky_batch.Batch`, of one task or several,
+    which sends each outcome back pickled on its own: a result that cannot be unpickled
+    here fails its own task, where loky alone would break the pool over it.
     """
 
     def __init__(self, size: int, idle_timeout: float, start_log: StartLog, env: Dict[str, str]) -> None:
@@ -285,11 +321,30 @@ class _LokyPool:
         self._live: Dict[int, _LokyTask] = {}  # submitted to a pool, not yet reported
         self._broken_pools: "weakref.WeakSet[ProcessPoolExecutor]" = weakref.WeakSet()
         self._killed: Set[int] = set()  # worker PIDs stop() killed, not yet seen dead
+        # Tasks that may be batched (their executor hands over everything at once) wait
+        # here while `_depth` of their loky calls are out, and leave in batches as calls
+        # come back. Only their calls count: an executor that hands over a few at a time
+        # (PENDING) sends its tasks straight to loky, and must not hold these back.
+        self._depth = 2 * size + 1
+        self._calls_out = 0
+        self._held: Deque[_LokyTask] = deque()  # (withdrawn or stopped ones are skipped)
+        self._closed = False
 
-    def start(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any], on_done: DoneCallback) -> Any:
-        task = _LokyTask(self._log.call(fn, args, kwargs), on_done)
+    def start(
+        self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any], on_done: DoneCallback, pace: Optional[Pace]
+    ) -> Any:
+        """Run a task; ``pace`` is its function's if it may share a loky call with others."""
+        task = _LokyTask(self._log.call(fn, args, kwargs), on_done, pace)
         if not _has_handles(args, kwargs):
-            self._submit(task, resolved=True)
+            if pace is None:
+                self._submit(task, resolved=True)
+                return task
+            with self._lock:
+                task.held = True
+                self._held.append(task)
+                if self._calls_out >= self._depth:
+                    return task
+            self._send_held()
             return task
         waiting = _unready_handles(args, kwargs)
         if waiting:  # a handle argument is resolved when the task can start, not before
@@ -313,65 +368,150 @@ class _LokyPool:
             task.on_done(False, exc)
 
     def _submit(self, task: _LokyTask, resolved: bool = False) -> None:
+        """Send one task to loky as a call of its own (not counted among held tasks' calls)."""
         call = task.call
         if not resolved:
             call.args, call.kwargs = _resolve(call.args, call.kwargs)
         with self._lock:
             if task.withdrawn or task.stopped:
                 return
-            if self._pool is None:
-                self._pool = _new_loky_pool(self.size, self._idle_timeout, self._env)
-            pool = self._pool
             # Submitted under the lock, so that stop() and a crash see the future; live
-            # only once loky took it. loky refuses a task for a pool it found broken
-            # before _pool_broke heard of it: the task never left, so a new pool takes
-            # it (a task that failed here must not be found live and run by _recover).
-            try:
-                future = pool.submit(call)
-            except BrokenProcessPool:
-                if self._pool is pool:
-                    self._pool = None
-                pool = self._pool = self._pool or _new_loky_pool(self.size, self._idle_timeout, self._env)
-                future = pool.submit(call)
-            task.pool = pool
-            task.future = future
+            # only once loky took it (a task that failed here must not be found live
+            # and run by _recover).
+            batch = [task]
+            pool, future = self._to_loky(Batch([call]))
+            task.pool, task.future, task.batch, task.counted = pool, future, batch, False
             self._live[call.number] = task
-        global _exit_hook_after_loky
-        if not _exit_hook_after_loky:
-            # loky's exit hook exists now (its first pool started): ours must run
-            # before it, or executors' queued tasks could not reach loky at exit.
-            _exit_hook_after_loky = True
-            _register_exit_hook(again=True)
-        future.add_done_callback(functools.partial(self._reported, task, pool))
+        _after_loky_started()
+        future.add_done_callback(functools.partial(self._reported, batch, pool, False))
 
-    def _reported(self, task: _LokyTask, pool: ProcessPoolExecutor, future: Future) -> None:
-        """loky's report on one task; a broken pool is handled once for all its tasks."""
+    def _to_loky(self, call: Callable[[], Any]) -> Tuple[ProcessPoolExecutor, Future]:
+        """Submit ``call`` to the current pool, started if there is none. Lock held.
+
+        loky refuses a call for a pool it found broken before _pool_broke heard of it:
+        the call never left, so a new pool takes it.
+        """
+        if self._closed:
+            raise RuntimeError("the joblib backend is shut down")
+        pool = self._pool
+        if pool is None:
+            pool = self._pool = _new_loky_pool(self.size, self._idle_timeout, self._env)
+        try:
+            return pool, pool.submit(call)
+        except BrokenProcessPool:
+            pool = self._pool = _new_loky_pool(self.size, self._idle_timeout, self._env)
+            return pool, pool.submit(call)
+
+    def _send_held(self) -> None:
+        """Send held tasks while fewer than ``_depth`` of their loky calls are out.
+
+        A batch takes the tasks at the head of the queue that share a function, as many
+        as its :class:`Pace` allows (one, until the pace is measured).
+        """
+        while True:
+            with self._lock:
+                held = self._held
+                while held and not held[0].held:  # withdrawn or stopped meanwhile
+                    held.popleft()
+                if not held or self._calls_out >= self._depth:
+                    return
+                pace = held[0].pace
+                size = pace.batch_size(len(held), self._depth) if pace is not None else 1
+                batch: List[_LokyTask] = []
+                while held and len(batch) < size and (held[0].pace is pace or not held[0].held):
+                    task = held.popleft()
+                    if task.held:
+                        task.held = False
+                        batch.append(task)
+                failed: Optional[Exception] = None
+                try:
+                    pool, future = self._to_loky(Batch([t.call for t in batch]))
+                except Exception as exc:  # no pool could be had: these tasks fail, nothing waits
+                    failed = exc
+                else:
+                    self._calls_out += 1
+                    for task in batch:
+                        task.pool, task.future, task.batch, task.counted = pool, future, batch, True
+                        self._live[task.call.number] = task
+            if failed is not None:
+                for task in batch:
+                    self._settle(task, False, failed)
+                continue
+            _after_loky_started()
+            future.add_done_callback(functools.partial(self._reported, batch, pool, True))
+
+    def _call_back(self) -> None:
+        """One of the held tasks' loky calls came back: send what waits, if anything does."""
+        with self._lock:
+            self._calls_out -= 1
+            if not self._held:
+                return
+        self._send_held()
+
+    def _reported(self, batch: List[_LokyTask], pool: ProcessPoolExecutor, counted: bool, future: Future) -> None:
+        """loky's report on one call: each task's own outcome; a broken pool is handled
+        once for all its tasks.
+
+        ``counted``: the call counts among the held tasks' calls out (bound here, not
+        read from the tasks, which a recovery may have sent again meanwhile).
+        """
         try:
             error = future.exception(0)
         except CancelledError:
-            return
+            return  # a lone task taken back: withdraw() counted its call back in
+        try:
+            self._report(batch, pool, future, error)
+        finally:
+            if counted:
+                self._call_back()
+
+    def _report(self, batch: List[_LokyTask], pool: ProcessPoolExecutor, future: Future, error: Optional[BaseException]) -> None:
         if isinstance(error, BrokenProcessPool):
             self._pool_broke(pool, error)
             return
-        # Stale: a report from a pool the task has left (it was run again elsewhere).
+        # Stale: a report from a pool a task has left (it was run again elsewhere).
         # No lock: the thread that submits holds it while loky writes to a pipe, and
         # waiting for it here would stall loky's thread, which feeds the workers. The
         # pop is atomic: against stop(), withdraw() and a crash (which take the task
-        # out of _live under the lock), exactly one side gets the task.
-        if task.future is not future or task.stopped or self._live.pop(task.call.number, None) is None:
-            return
-        on_done, call = task.on_done, task.call
-        # Let go of the callable, its arguments and the result once they are reported.
-        task.call = task.future = task.on_done = None  # type: ignore[assignment]
+        # out of _live under the lock), exactly one side gets each task.
+        mine = [
+            (i, task) for i, task in enumerate(batch)
+            if task.future is future and not task.stopped and self._live.pop(task.call.number, None) is not None
+        ]
         if error is None:
-            on_done(True, future.result())
+            outcomes, longest = future.result()
+            pace = batch[0].pace
+            if pace is not None:
+                pace.note(longest)
+            for i, task in mine:
+                self._settle(task, *unpacked(getattr(task.call.fn, "__name__", ""), outcomes[i]))
             return
+        unsent = isinstance(error, pickle.PicklingError) and "Could not pickle the task" in str(error)
+        for _, task in mine:
+            if unsent and len(batch) > 1:
+                # Nothing of the batch left this process: each task goes again alone,
+                # so that only the one that does not pickle fails.
+                try:
+                    self._submit(task, resolved=True)
+                except Exception as exc:  # the backend is shut down
+                    self._settle(task, False, exc)
+                continue
+            try:
+                failure = _translated(error, task.call)
+            except Exception as exc:  # the future must settle whatever happens here
+                logger.debug("could not make loky's error clearer: %r", exc)
+                failure = error
+            self._settle(task, False, failure)
+
+    def _settle(self, task: _LokyTask, ok: bool, value: Any) -> None:
+        """Report one task's end; one task's trouble here must not strand its batch-mates."""
+        on_done = task.on_done
+        # Let go of the callable, its arguments and the result once they are reported.
+        task.call = task.future = task.on_done = task.batch = None  # type: ignore[assignment]
         try:
-            failure = _translated(error, getattr(call.fn, "__name__", ""), call)
-        except Exception as exc:  # the future must settle whatever happens here
-            logger.debug("could not make loky's error clearer: %r", exc)
-            failure = error
-        on_done(False, failure)
+            on_done(ok, value)
+        except Exception:  # pragma: no cover - the executor's callback does not raise
+            logger.exception("reporting a task's end failed")
 
     def _pool_broke(self, pool: Optional[ProcessPoolExecutor], error: BaseException) -> None:
         """A worker of some pool died: blame the task it ran, run the others again.
@@ -473,32 +613,50 @@ class _LokyPool:
 
     def withdraw(self, tokens: List[Any]) -> List[bool]:
         # loky's cancel() says True again for a future cancelled before; the lock makes
-        # sure only one caller takes a task back.
+        # sure only one caller takes a task back. A task that left in a batch is not
+        # taken back: batches leave only as their calls come back, so loky hands them
+        # to its workers at once.
         taken = []
+        freed = 0
         with self._lock:
             for task in tokens:
                 ok = False
                 if task is not None and task.call is not None and not task.withdrawn and not task.stopped:
-                    if task.future is None:  # still waiting for its handle arguments
+                    if task.held:  # still here (the queue skips it from now on)
+                        task.held = False
                         ok = True
-                    elif not task.future.cancelled() and task.future.cancel():
+                    elif task.future is None:  # still waiting for its handle arguments
+                        ok = True
+                    elif len(task.batch or ()) == 1 and not task.future.cancelled() and task.future.cancel():
                         ok = True
                         self._live.pop(task.call.number, None)
+                        freed += task.counted
                     task.withdrawn = ok
                 taken.append(ok)
+            self._calls_out -= freed
+        if freed:
+            self._send_held()
         return taken
 
-    def stop(self, tokens: List[Any]) -> None:
+    def stop(self, tokens: List[Any]) -> List[Any]:
         # loky cannot interrupt one task, but its workers can be killed. Kill the ones
         # running these tasks (all of a pool's, where one of them has not started yet);
         # the pool breaks, and _pool_broke runs its unstarted tasks again on a new pool.
+        # Where every worker of a pool was killed, the start log then says for sure
+        # which of these tasks never started (held here, waiting in loky's queue or
+        # in a batch behind a stopped task): those are given back, to run again.
         victims: List[Any] = []
+        spared: List[_LokyTask] = []
+        emptied: List[Tuple[ProcessPoolExecutor, List[Any], List[_LokyTask]]] = []
         with self._lock:
             numbers = set()
             pools = set()
             for task in tokens:
                 task.stopped = True
-                if task.call is not None and self._live.pop(task.call.number, None) is not None:
+                if task.held:  # it never left this process
+                    task.held = False
+                    spared.append(task)
+                elif task.call is not None and self._live.pop(task.call.number, None) is not None:
                     numbers.add(task.call.number)
                     pools.add(task.pool)
             for pool in pools:
@@ -507,8 +665,12 @@ class _LokyPool:
                 processes = list((getattr(pool, "_processes", {}) or {}).items())
                 running = {pid: p for pid, p in processes if self._log.started_by(pid) & numbers}
                 found = set().union(*(self._log.started_by(pid) for pid in running)) & numbers if running else set()
-                pool_numbers = {t.call.number for t in tokens if t.pool is pool and t.call is not None}
-                victims.extend(running.values() if pool_numbers <= found else [p for _, p in processes])
+                pool_tasks = [t for t in tokens if t.pool is pool and t.call is not None and t.call.number in numbers]
+                if {t.call.number for t in pool_tasks} <= found:
+                    victims.extend(running.values())
+                else:
+                    victims.extend(p for _, p in processes)
+                    emptied.append((pool, [p for _, p in processes], pool_tasks))
         with self._lock:
             self._killed.update(p.pid for p in victims)
         for process in victims:
@@ -518,11 +680,27 @@ class _LokyPool:
                 pass
         if victims:  # the work has ended when stop() returns
             mp_wait([p.sentinel for p in victims], timeout=10)
+        for pool, processes, pool_tasks in emptied:
+            # (A worker loky started after the snapshot could have started one: then
+            # none is given back.)
+            processes = list({id(p): p for p in [*processes, *(getattr(pool, "_processes", {}) or {}).values()]}.values())
+            if not all(_ended(p) for p in processes):
+                continue
+            started = set().union(*(self._log.recently_started_by(p.pid) for p in processes)) if processes else set()
+            spared.extend(t for t in pool_tasks if t.call.number not in started)
+        return spared
 
     def shutdown(self) -> None:
         """Stop the workers; called by the backend once its executors are shut down."""
         with self._lock:
             pool, self._pool = self._pool, None
+            self._closed = True
+            held = [task for task in self._held if task.held]
+            self._held.clear()
+            for task in held:
+                task.held = False
+        for task in held:  # (none where every executor was shut down first)
+            self._settle(task, False, RuntimeError("the joblib backend was shut down before the task could start"))
         if pool is not None:
             pool.shutdown(wait=True)
 
@@ -542,10 +720,18 @@ class _LokyRunner(TaskRunner):
     A smaller executor is bounded by its own count of tasks in flight. Either way a
     task that still waits in loky's queue (behind other executors' tasks too) can be
     taken back.
+
+    The tasks of an executor that hands over everything at once may be batched, where
+    their arguments are small: the runner keeps a :class:`Pace` per function for them.
     """
 
     def __init__(self, pool: _LokyPool) -> None:
         self._pool = pool
+        self._batchable = False
+        self._paces: Dict[int, Tuple[Any, Pace]] = {}  # id(function) -> (function, its pace)
+
+    def expect_in_flight(self, limit: float) -> None:
+        self._batchable = math.isinf(limit)
 
     def enforces_bound(self, max_workers: int) -> bool:
         return self._pool.size <= max_workers
@@ -554,13 +740,23 @@ class _LokyRunner(TaskRunner):
         return True
 
     def start(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any], options: Mapping[str, Any], on_done: DoneCallback) -> Any:
-        return self._pool.start(fn, args, kwargs, on_done)
+        pace = None
+        if self._batchable and light(args, kwargs):
+            key = fn.fn if type(fn) is InTask else fn  # (a new InTask wraps each task)
+            entry = self._paces.get(id(key))
+            if entry is None or entry[0] is not key:
+                entry = self._paces[id(key)] = (key, Pace())
+            pace = entry[1]
+        return self._pool.start(fn, args, kwargs, on_done, pace)
 
     def withdraw(self, tokens: List[Any]) -> List[bool]:
         return self._pool.withdraw(tokens)
 
-    def stop(self, tokens: List[Any]) -> None:
-        self._pool.stop(tokens)
+    def stop(self, tokens: List[Any]) -> List[Any]:
+        return self._pool.stop(tokens)
+
+    def close(self) -> None:
+        self._paces.clear()
 
 
 class JoblibParallelBackend(BaseParallelBackend, name="joblib"):

@@ -1,0 +1,227 @@
+"""Many tasks at once on the joblib backend: they leave for loky in batches, and each
+still ends on its own.
+
+An executor that hands every task over at once (``NONE``, ``RUNNING``) lets the pool
+keep what loky's workers cannot take yet and send it in batches as calls come back: one
+loky call per trivial task costs more than the task. These tests fill the pool's calls
+with "door" tasks that wait for a file, so that what follows is held, then open it.
+
+What they check is what batching must not change: each task's own outcome, ``cancel()``
+of what waits, ``RUNNING`` stopping only what runs, no task run twice after a crash, and
+no batching of slow tasks, of large arguments, or behind another executor's tasks.
+"""
+
+from __future__ import annotations
+
+import pickle
+import threading
+from pathlib import Path
+from typing import Any, Callable, Iterator, List, Tuple
+
+import pytest
+
+from parallel_hydra import BaseParallelBackend
+from parallel_hydra.backends.loky_batch import Batch
+from parallel_hydra.errors import NeighborCrashedError, WorkerCrashedError
+
+import tasks
+from apps import wait_until
+
+#: loky calls the pool keeps out for held tasks (2 * size + 1 for the session's 2 CPUs).
+DEPTH = 5
+
+
+@pytest.fixture
+def sent(joblib_backend: BaseParallelBackend, monkeypatch: pytest.MonkeyPatch) -> Iterator[List[Tuple[str, List[Any]]]]:
+    """What the pool sends to loky, as ``(kind, [each task's arguments])``."""
+    pool = joblib_backend._task_pool  # type: ignore[attr-defined]
+    if pool is None:
+        with joblib_backend.executor() as executor:
+            executor.submit(tasks.add, 1).result(timeout=60)
+        pool = joblib_backend._task_pool  # type: ignore[attr-defined]
+    log: List[Tuple[str, List[Any]]] = []
+    to_loky: Callable[[Any], Any] = pool._to_loky
+
+    def spy(call: Any) -> Any:
+        assert type(call) is Batch, call
+        log.append(("batch" if len(call.calls) > 1 else "alone", [c.args for c in call.calls]))
+        return to_loky(call)
+
+    monkeypatch.setattr(pool, "_to_loky", spy)
+    yield log
+
+
+def _held(backend: BaseParallelBackend) -> int:
+    return sum(task.held for task in backend._task_pool._held)  # type: ignore[attr-defined]
+
+
+def _doors(executor: Any, door: Path) -> List[Any]:
+    """Fill the held tasks' loky calls with tasks that wait for ``door``."""
+    return [executor.submit(tasks.wait_for_file, str(door), 120.0, "door") for _ in range(DEPTH)]
+
+
+def _batches(sent: List[Tuple[str, List[Any]]]) -> List[List[Any]]:
+    return [args for kind, args in sent if kind == "batch"]
+
+
+def test_many_tiny_tasks_leave_in_batches_each_with_its_own_result(
+    joblib_backend: BaseParallelBackend, sent: List[Tuple[str, List[Any]]]
+) -> None:
+    with joblib_backend.executor(cancel_futures="NONE") as executor:
+        futures = [executor.submit(tasks.add, i, 1) for i in range(3000)]
+        assert [f.result(timeout=120) for f in futures] == [i + 1 for i in range(3000)]
+    assert _batches(sent), "no batch was sent"
+    assert sorted(a for kind, args in sent for (a, _) in args) == list(range(3000)), "a task was sent twice or never"
+
+
+def test_in_a_batch_each_task_ends_on_its_own(
+    joblib_backend: BaseParallelBackend, sent: List[Tuple[str, List[Any]]], tmp_path: Path
+) -> None:
+    door = tmp_path / "door"
+    with joblib_backend.executor(cancel_futures="NONE") as executor:
+        # Each function's pace measured first: unmeasured tasks go alone.
+        for fn, args in [(tasks.add, (1, 1)), (tasks.raise_boom, ("x",)), (tasks.return_unpicklable, ()),
+                         (tasks.length, ("ab",)), (tasks.maybe_unloadable, (False,))]:
+            [f.exception(timeout=120) for f in [executor.submit(fn, *args) for _ in range(2 * DEPTH)]]
+        doors = _doors(executor, door)
+        before = [executor.submit(tasks.add, i, 1) for i in range(40)]
+        raises = [executor.submit(tasks.raise_boom, "in a batch") for _ in range(10)]
+        unpicklable_result = [executor.submit(tasks.return_unpicklable) for _ in range(10)]
+        lengths = [executor.submit(tasks.length, "abc") for _ in range(5)]
+        unpicklable_argument = executor.submit(tasks.length, threading.Lock())
+        lengths += [executor.submit(tasks.length, "abc") for _ in range(5)]
+        unloadable = [executor.submit(tasks.maybe_unloadable, True) for _ in range(10)]
+        after = [executor.submit(tasks.add, i, 2) for i in range(40)]
+        assert _held(joblib_backend) == 40 + 10 + 10 + 11 + 10 + 40, "the tasks were not held for batches"
+        door.touch()
+        assert [f.result(timeout=120) for f in doors] == ["door"] * DEPTH
+        assert [f.result(timeout=120) for f in before] == [i + 1 for i in range(40)]
+        assert [f.result(timeout=120) for f in after] == [i + 2 for i in range(40)]
+        assert [f.result(timeout=120) for f in lengths] == [3] * 10
+        for future in raises:
+            with pytest.raises(tasks.Boom, match="in a batch") as boom:
+                future.result(timeout=120)
+            assert "raise_boom" in str(boom.value.__cause__), "the worker's traceback is its cause"
+        for future in unpicklable_result:
+            with pytest.raises(pickle.PicklingError, match="result of task return_unpicklable could not be pickled"):
+                future.result(timeout=120)
+        with pytest.raises(pickle.PicklingError, match="argument 0 of task length .*could not be pickled"):
+            unpicklable_argument.result(timeout=120)
+        for future in unloadable:
+            with pytest.raises(pickle.UnpicklingError, match="maybe_unloadable could not be unpickled here.*does not unpickle"):
+                future.result(timeout=120)
+        # Nothing broke: the pool still runs tasks, on the same workers.
+        assert executor.submit(tasks.add, 40, 2).result(timeout=120) == 42
+    assert len(_batches(sent)) >= 5, "these tasks did not leave in batches"
+
+
+def test_held_tasks_can_be_cancelled_and_never_run(joblib_backend: BaseParallelBackend, tmp_path: Path) -> None:
+    door = tmp_path / "door"
+    ran = tmp_path / "ran"
+    ran.mkdir()
+    with joblib_backend.executor(cancel_futures="NONE") as executor:
+        doors = _doors(executor, door)
+        touching = [executor.submit(tasks.touch, str(ran / str(i)), i) for i in range(40)]
+        assert all(f.cancel() for f in touching[::2]), "a held task could not be cancelled"
+        assert _held(joblib_backend) == 20
+        door.touch()
+        assert [f.result(timeout=120) for f in touching[1::2]] == list(range(1, 40, 2))
+        [f.result(timeout=120) for f in doors]
+    assert sorted(int(p.name) for p in ran.iterdir()) == list(range(1, 40, 2))
+    assert all(len(p.read_text().splitlines()) == 1 for p in ran.iterdir())
+
+
+def test_running_stops_what_runs_and_runs_its_batch_mates_once(
+    joblib_backend: BaseParallelBackend, sent: List[Tuple[str, List[Any]]], tmp_path: Path
+) -> None:
+    """Tasks that wait in a batch behind a running task are pending, not running: the
+    ``RUNNING`` policy must run them (once), and cancel only what had started."""
+    door, gate, opened = tmp_path / "door", tmp_path / "gate", tmp_path / "open"
+    ran = tmp_path / "ran"
+    ran.mkdir()
+    opened.touch()
+    with joblib_backend.executor(cancel_futures="RUNNING") as executor:
+        # The pace of append_then_wait, measured with its gate open: quick.
+        [f.result(timeout=120) for f in [executor.submit(tasks.append_then_wait, str(tmp_path / "warm"), str(opened)) for _ in range(50)]]
+        doors = _doors(executor, door)
+        waiting = [executor.submit(tasks.append_then_wait, str(ran / str(i)), str(gate), 120.0, i) for i in range(60)]
+        assert _held(joblib_backend) == 60
+        door.touch()
+        assert wait_until(lambda: len(list(ran.iterdir())) == 2, 60), "no batch started"
+        assert _batches(sent), "the held tasks did not leave in batches"
+        threading.Timer(2.0, gate.touch).start()  # (the tasks given back then run to their end)
+    assert [f.result(timeout=0) for f in doors] == ["door"] * DEPTH
+    cancelled = [i for i, f in enumerate(waiting) if f.cancelled()]
+    assert len(cancelled) == 2, f"only the two running tasks should be cancelled, not {cancelled}"
+    assert [f.result(timeout=0) for i, f in enumerate(waiting) if i not in cancelled] == [i for i in range(60) if i not in cancelled]
+    runs = {i: len((ran / str(i)).read_text().splitlines()) for i in range(60)}
+    assert set(runs.values()) == {1}, f"a task ran twice or never: {runs}"
+    assert _held(joblib_backend) == 0
+
+
+def test_a_crash_in_a_batch_fails_its_task_and_runs_no_task_twice(joblib_backend: BaseParallelBackend, tmp_path: Path) -> None:
+    door = tmp_path / "door"
+    ran = tmp_path / "ran"
+    ran.mkdir()
+
+    def touching(numbers: range) -> List[Any]:
+        return [executor.submit(tasks.touch_or_exit, str(ran / str(i)), i, i == 60) for i in numbers]
+
+    with joblib_backend.executor(cancel_futures="NONE") as executor:
+        [f.result(timeout=120) for f in [executor.submit(tasks.touch_or_exit, str(tmp_path / "warm"), 0, False) for _ in range(50)]]
+        doors = _doors(executor, door)
+        futures = touching(range(121))
+        assert _held(joblib_backend) == 121
+        door.touch()
+        assert isinstance(futures[60].exception(timeout=120), WorkerCrashedError)
+        outcomes = [f.exception(timeout=120) or f.result() for f in doors + futures[:60] + futures[61:]]
+    expected = ["door"] * DEPTH + [i for i in range(121) if i != 60]
+    assert all(isinstance(o, NeighborCrashedError) or o == e for o, e in zip(outcomes, expected)), outcomes
+    assert sum(isinstance(o, NeighborCrashedError) for o in outcomes) < 60, "the crash failed far more than its batch"
+    for i in range(121):
+        runs = len((ran / str(i)).read_text().splitlines()) if (ran / str(i)).exists() else 0
+        outcome = futures[i].exception() or futures[i].result()
+        assert runs == 1 if outcome == i else runs <= 1, f"task {i} ran {runs} times ({outcome!r})"
+
+
+def test_slow_tasks_are_not_batched_after_quick_ones(
+    joblib_backend: BaseParallelBackend, sent: List[Tuple[str, List[Any]]]
+) -> None:
+    """The pace is each function's, and it follows a slower task at once: a function
+    that turns slow can have only the batches already out when its first slow one
+    came back (at most 2 * size + 1)."""
+    with joblib_backend.executor(cancel_futures="NONE") as executor:
+        [f.result(timeout=120) for f in [executor.submit(tasks.add, i) for i in range(500)]]
+        [f.result(timeout=120) for f in [executor.submit(tasks.sleep_then, 0.0, i) for i in range(500)]]
+        assert _batches(sent), "the quick tasks were not batched"
+        del sent[:]
+        other = [executor.submit(tasks.span, 0.05) for _ in range(20)]  # a new function: unmeasured
+        slower = [executor.submit(tasks.sleep_then, 0.05, i) for i in range(40)]  # a known one, slower now
+        assert all(end - start >= 0.05 for start, end in [f.result(timeout=120) for f in other])
+        assert [f.result(timeout=120) for f in slower] == list(range(40))
+    assert not [args for args in _batches(sent) if len(args[0]) == 1], "tasks of a slow function were batched"
+    slow_batches = [args for args in _batches(sent) if args[0][0] != 0]
+    assert len(slow_batches) <= DEPTH, f"the pace did not follow the slower tasks: {slow_batches}"
+
+
+def test_large_arguments_and_other_executors_tasks_are_not_held(
+    joblib_backend: BaseParallelBackend, sent: List[Tuple[str, List[Any]]], tmp_path: Path
+) -> None:
+    door, other_door = tmp_path / "door", tmp_path / "other door"
+    with joblib_backend.executor(cancel_futures="PENDING") as pending, joblib_backend.executor(cancel_futures="NONE") as executor:
+        # Another executor's tasks fill loky's queue; they do not count against held tasks.
+        blocking = [pending.submit(tasks.wait_for_file, str(other_door), 120.0, "door") for _ in range(4)]
+        quick = [executor.submit(tasks.add, i, 1) for i in range(3)]
+        assert _held(joblib_backend) == 0, "tasks were held behind another executor's"
+        other_door.touch()
+        [f.result(timeout=120) for f in [executor.submit(tasks.length, b"xy") for i in range(20)]]
+        doors = _doors(executor, door)
+        big = bytes(1 << 20)
+        large = [executor.submit(tasks.length, big) for _ in range(3)]
+        small = [executor.submit(tasks.length, b"x") for _ in range(3)]
+        assert _held(joblib_backend) == 3, "only the small ones may wait to be batched"
+        door.touch()
+        assert [f.result(timeout=120) for f in large] == [1 << 20] * 3
+        assert [f.result(timeout=120) for f in small + quick] == [1, 1, 1, 1, 2, 3]
+        [f.result(timeout=120) for f in blocking + doors]
+    assert not [args for args in _batches(sent) if any(len(a) == 1 and a[0] == big for a in args)]
