@@ -14,7 +14,10 @@ no batching of slow tasks, of large arguments, or behind another executor's task
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 import threading
+import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator, List, Tuple
 
@@ -25,7 +28,8 @@ from parallel_hydra.backends.loky_batch import Batch
 from parallel_hydra.errors import NeighborCrashedError, WorkerCrashedError
 
 import tasks
-from apps import wait_until
+from apps import MARKER, interrupt_group, leftovers, wait_until
+from ray_support import app_env
 
 #: loky calls the pool keeps out for held tasks (2 * size + 1 for the session's 2 CPUs).
 DEPTH = 5
@@ -225,3 +229,55 @@ def test_large_arguments_and_other_executors_tasks_are_not_held(
         assert [f.result(timeout=120) for f in small + quick] == [1, 1, 1, 1, 2, 3]
         [f.result(timeout=120) for f in blocking + doors]
     assert not [args for args in _batches(sent) if any(len(a) == 1 and a[0] == big for a in args)]
+
+
+def test_a_large_array_result_arrives_whole_and_writable(joblib_backend: BaseParallelBackend) -> None:
+    """Results travel pickled on their own, their buffers out of band: an array arrives
+    as it left, writable, whether its task went alone or in a batch."""
+    with joblib_backend.executor(cancel_futures="NONE") as executor:
+        small = [executor.submit(tasks.ones, 3) for _ in range(200)]
+        large = [executor.submit(tasks.ones, 1 << 20) for _ in range(4)]
+        for future in small + large:
+            array = future.result(timeout=120)
+            assert array.flags.writeable and float(array.sum()) == array.size
+            array[0] = 2.0
+
+
+BATCHING_APP = """\
+import sys
+from parallel_hydra import init_parallel_backend
+
+
+def add(a, b):
+    return a + b
+
+
+if __name__ == "__main__":
+    with init_parallel_backend({"backend": "joblib", "n_cpus": 2}) as backend:
+        with backend.executor(cancel_futures="NONE") as executor:
+            rounds = 0
+            while True:
+                futures = [executor.submit(add, i, 1) for i in range(20000)]
+                assert [f.result() for f in futures] == [i + 1 for i in range(20000)]
+                rounds += 1
+                if rounds == 2:
+                    print("BATCHING", flush=True)
+"""
+
+
+def test_ctrl_c_while_tasks_leave_in_batches_ends_the_app_and_its_workers(tmp_path: Path) -> None:
+    script = tmp_path / "app.py"
+    script.write_text(BATCHING_APP)
+    marker = uuid.uuid4().hex
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], env=app_env(**{MARKER: marker}), stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "BATCHING", "the app never got going"
+    finally:
+        output, elapsed = interrupt_group(proc)
+    assert proc.returncode != 0 and "KeyboardInterrupt" in output, output[-3000:]
+    assert elapsed < 30, f"Ctrl-C took {elapsed:.1f} s to stop the app"
+    assert leftovers(marker) == [], "the app left processes running after Ctrl-C"
