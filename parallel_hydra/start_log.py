@@ -30,14 +30,17 @@ from typing import Any, Callable, Deque, Dict, List, Set, Tuple
 
 from .in_task import InTask
 
-__all__ = ["StartLog", "LoggedCall", "note_start", "claim_run", "release_run", "has_claim"]
+__all__ = ["StartLog", "LoggedCall", "note_start", "claim_run", "release_run", "has_claim", "STARTS_KEPT"]
 
 _SEQ_WIDTH = 12  # digits of a start's sequence number in its thread
 _WIDTH = 20  # digits of a task number
 _ENTRY = _SEQ_WIDTH + _WIDTH
 # Starts kept per thread: more than a worker can start while its pool breaks (loky hands
-# its workers at most 2 * size + 1 tasks ahead) or while its results wait to be fetched.
+# its workers at most 2 * size + 1 calls ahead, and the joblib backend keeps its batches
+# within STARTS_KEPT // 2 tasks) or while its results wait to be fetched.
 _SLOTS = 512
+#: How many of its latest starts each worker thread's record keeps.
+STARTS_KEPT = _SLOTS
 
 # In a worker process: [open record file, starts so far] of each (log folder, thread).
 _records: Dict[Tuple[str, int], List[int]] = {}

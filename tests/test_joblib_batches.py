@@ -281,3 +281,71 @@ def test_ctrl_c_while_tasks_leave_in_batches_ends_the_app_and_its_workers(tmp_pa
     assert proc.returncode != 0 and "KeyboardInterrupt" in output, output[-3000:]
     assert elapsed < 30, f"Ctrl-C took {elapsed:.1f} s to stop the app"
     assert leftovers(marker) == [], "the app left processes running after Ctrl-C"
+
+
+def test_a_crash_beside_a_worker_busy_with_batches_runs_no_task_twice(tmp_path: Path) -> None:
+    """A pool of 7: six workers wait (another executor's tasks), one works through
+    batches, and one of the waiting ones dies. Every task the busy worker started, also
+    those whose results were on their way, must count as started: the pool keeps its
+    batched tasks in loky within what the start log remembers of a worker."""
+    from parallel_hydra.backends.joblib import _LokyPool
+    from parallel_hydra.backends.loky_batch import Pace
+    from parallel_hydra.start_log import StartLog
+
+    door, bomb, runs = tmp_path / "door", tmp_path / "bomb", tmp_path / "runs"
+    runs.mkdir()
+    log = StartLog()
+    pool = _LokyPool(7, 300, log, {})
+    outcomes: dict = {}
+    lock = threading.Lock()
+
+    def report(i: int) -> Callable[[bool, Any], None]:
+        def on_done(ok: bool, value: Any) -> None:
+            with lock:
+                outcomes[i] = (ok, value)
+        return on_done
+
+    try:
+        waiting = [pool.start(tasks.wait_or_exit, (str(door), str(bomb)), {}, lambda ok, v: None, None) for _ in range(6)]
+        assert waiting
+        pace = Pace()
+        pace.note(1e-6, 10)  # known quick: batched from the start
+        threading.Timer(0.5, bomb.touch).start()
+        n = 20000
+        for i in range(n):
+            pool.start(tasks.note_run, (str(runs), i), {}, report(i), pace)
+        assert wait_until(lambda: len(outcomes) == n, 120), f"only {len(outcomes)} of {n} tasks settled"
+    finally:
+        door.touch()
+        pool.shutdown()
+        log.close()
+    counts: dict = {}
+    for record in runs.iterdir():
+        for line in record.read_text().split():
+            counts[int(line)] = counts.get(int(line), 0) + 1
+    assert not {i: c for i, c in counts.items() if c > 1}, "tasks ran twice"
+    for i, (ok, value) in outcomes.items():
+        assert (ok and value == i and counts.get(i) == 1) or isinstance(value, NeighborCrashedError), (i, value)
+
+
+LOKY_PICKLER_APP = """\\
+import numpy as np
+from parallel_hydra import init_parallel_backend
+
+with init_parallel_backend({"backend": "joblib", "n_cpus": 2}) as backend:
+    with backend.executor(cancel_futures="NONE") as executor:
+        futures = [executor.submit(np.arange, 3) for _ in range(50)] + [executor.submit(np.ones, 1 << 18)]
+        results = [f.result(timeout=60) for f in futures]
+assert all(list(r) == [0, 1, 2] for r in results[:50]) and results[50].sum() == 1 << 18
+assert results[50].flags.writeable
+print("ALL WELL")
+"""
+
+
+def test_results_travel_when_loky_pickles_with_plain_pickle(tmp_path: Path) -> None:
+    # LOKY_PICKLER=pickle: loky's pickler then speaks protocol 4, which cannot carry the
+    # buffers of a result pickled out of band as they are.
+    script = tmp_path / "app.py"
+    script.write_text(LOKY_PICKLER_APP)
+    done = subprocess.run([sys.executable, str(script)], env=app_env(LOKY_PICKLER="pickle"), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "ALL WELL" in done.stdout, done.stdout + done.stderr

@@ -67,10 +67,10 @@ from ..backend import BaseParallelBackend, SizedJoblibBackend, available_cpus
 from ..config import JoblibConfig, ParallelConfig
 from ..errors import NeighborCrashedError, WorkerCrashedError, describe_exit
 from ..executor import DoneCallback, TaskRunner, _register_exit_hook
-from ..in_task import InTask, thread_environment
+from ..in_task import thread_environment
 from ..start_log import LoggedCall, StartLog
 from ..sendable import cloudpickle_dumps, unpicklable_part
-from .loky_batch import Batch, Pace, light, unpacked
+from .loky_batch import MAX_TASKS_OUT, Batch, Pace, light, size_of, unpacked, work_of
 
 __all__ = ["JoblibParallelBackend", "LocalHandle"]
 
@@ -320,6 +320,7 @@ class _LokyPool:
         self._pool: Optional[ProcessPoolExecutor] = None
         self._live: Dict[int, _LokyTask] = {}  # submitted to a pool, not yet reported
         self._broken_pools: "weakref.WeakSet[ProcessPoolExecutor]" = weakref.WeakSet()
+        self._recovered: "weakref.WeakSet[ProcessPoolExecutor]" = weakref.WeakSet()  # (see _call_back)
         self._killed: Set[int] = set()  # worker PIDs stop() killed, not yet seen dead
         # Tasks that may be batched (their executor hands over everything at once) wait
         # here while `_depth` of their loky calls are out, and leave in batches as calls
@@ -327,6 +328,7 @@ class _LokyPool:
         # (PENDING) sends its tasks straight to loky, and must not hold these back.
         self._depth = 2 * size + 1
         self._calls_out = 0
+        self._tasks_out = 0  # the tasks in those calls, at most MAX_TASKS_OUT
         self._held: Deque[_LokyTask] = deque()  # (withdrawn or stopped ones are skipped)
         self._closed = False
 
@@ -383,7 +385,7 @@ class _LokyPool:
             task.pool, task.future, task.batch, task.counted = pool, future, batch, False
             self._live[call.number] = task
         _after_loky_started()
-        future.add_done_callback(functools.partial(self._reported, batch, pool, False))
+        future.add_done_callback(functools.partial(self._reported, batch, pool, 0))
 
     def _to_loky(self, call: Callable[[], Any]) -> Tuple[ProcessPoolExecutor, Future]:
         """Submit ``call`` to the current pool, started if there is none. Lock held.
@@ -413,10 +415,11 @@ class _LokyPool:
                 held = self._held
                 while held and not held[0].held:  # withdrawn or stopped meanwhile
                     held.popleft()
-                if not held or self._calls_out >= self._depth:
+                room = MAX_TASKS_OUT - self._tasks_out
+                if not held or self._calls_out >= self._depth or room <= 0:
                     return
                 pace = held[0].pace
-                size = pace.batch_size(len(held), self._depth) if pace is not None else 1
+                size = min(room, pace.batch_size(len(held), self._depth) if pace is not None else 1)
                 batch: List[_LokyTask] = []
                 while held and len(batch) < size and (held[0].pace is pace or not held[0].held):
                     task = held.popleft()
@@ -430,6 +433,7 @@ class _LokyPool:
                     failed = exc
                 else:
                     self._calls_out += 1
+                    self._tasks_out += len(batch)
                     for task in batch:
                         task.pool, task.future, task.batch, task.counted = pool, future, batch, True
                         self._live[task.call.number] = task
@@ -438,22 +442,31 @@ class _LokyPool:
                     self._settle(task, False, failed)
                 continue
             _after_loky_started()
-            future.add_done_callback(functools.partial(self._reported, batch, pool, True))
+            future.add_done_callback(functools.partial(self._reported, batch, pool, len(batch)))
 
-    def _call_back(self) -> None:
-        """One of the held tasks' loky calls came back: send what waits, if anything does."""
+    def _call_back(self, tasks: int, broken: Optional[ProcessPoolExecutor] = None) -> None:
+        """One of the held tasks' loky calls came back, with ``tasks`` tasks: send what
+        waits, if anything does.
+
+        Not where the call's pool ``broken`` is still being recovered: this is then
+        loky's thread, which kills the broken pool's workers only once its callbacks
+        return, and a new pool started here would delay that. The recovery sends what
+        waits when it is done; a call that comes back after that sends it here.
+        """
         with self._lock:
             self._calls_out -= 1
-            if not self._held:
+            self._tasks_out -= tasks
+            if not self._held or (broken is not None and broken not in self._recovered):
                 return
         self._send_held()
 
-    def _reported(self, batch: List[_LokyTask], pool: ProcessPoolExecutor, counted: bool, future: Future) -> None:
+    def _reported(self, batch: List[_LokyTask], pool: ProcessPoolExecutor, counted: int, future: Future) -> None:
         """loky's report on one call: each task's own outcome; a broken pool is handled
         once for all its tasks.
 
-        ``counted``: the call counts among the held tasks' calls out (bound here, not
-        read from the tasks, which a recovery may have sent again meanwhile).
+        ``counted``: the tasks of the call if it counts among the held tasks' calls out,
+        else 0 (bound here, not read from the tasks, which a recovery may have sent
+        again meanwhile).
         """
         try:
             error = future.exception(0)
@@ -463,7 +476,7 @@ class _LokyPool:
             self._report(batch, pool, future, error)
         finally:
             if counted:
-                self._call_back()
+                self._call_back(counted, pool if isinstance(error, BrokenProcessPool) else None)
 
     def _report(self, batch: List[_LokyTask], pool: ProcessPoolExecutor, future: Future, error: Optional[BaseException]) -> None:
         if isinstance(error, BrokenProcessPool):
@@ -476,13 +489,14 @@ class _LokyPool:
         # out of _live under the lock), exactly one side gets each task.
         mine = [
             (i, task) for i, task in enumerate(batch)
-            if task.future is future and not task.stopped and self._live.pop(task.call.number, None) is not None
+            if task.future is future and not task.stopped and task.call is not None
+            and self._live.pop(task.call.number, None) is not None
         ]
         if error is None:
             outcomes, longest = future.result()
             pace = batch[0].pace
             if pace is not None:
-                pace.note(longest)
+                pace.note(longest, max(map(size_of, outcomes)))
             for i, task in mine:
                 self._settle(task, *unpacked(getattr(task.call.fn, "__name__", ""), outcomes[i]))
             return
@@ -553,13 +567,14 @@ class _LokyPool:
             ) or f"the pool broke ({error})"
         threading.Thread(
             target=self._recover,
-            args=(affected, blamed, list(processes.values()), why, error),
+            args=(pool, affected, blamed, list(processes.values()), why, error),
             name="parallel_hydra-loky-recover",
             daemon=True,
         ).start()
 
     def _recover(
         self,
+        pool: ProcessPoolExecutor,
         affected: List[_LokyTask],
         blamed: Dict[int, Tuple[int, Optional[int]]],
         processes: List[Any],
@@ -602,14 +617,16 @@ class _LokyPool:
                 crash = WorkerCrashedError(f"task {name} was in a worker pool that broke {task.reruns + 1} times: {error}")
             if crash is not None:
                 crash.__cause__ = error
-                task.call = None  # type: ignore[assignment]
-                task.on_done(False, crash)
+                self._settle(task, False, crash)
                 continue
             task.reruns += 1
             try:
                 self._submit(task)
             except Exception as exc:  # pragma: no cover - no new pool could be started
-                task.on_done(False, exc)
+                self._settle(task, False, exc)
+        with self._lock:
+            self._recovered.add(pool)
+        self._send_held()  # (not sent while loky was failing the broken pool)
 
     def withdraw(self, tokens: List[Any]) -> List[bool]:
         # loky's cancel() says True again for a future cancelled before; the lock makes
@@ -634,6 +651,7 @@ class _LokyPool:
                     task.withdrawn = ok
                 taken.append(ok)
             self._calls_out -= freed
+            self._tasks_out -= freed  # (a lone task each)
         if freed:
             self._send_held()
         return taken
@@ -728,7 +746,7 @@ class _LokyRunner(TaskRunner):
     def __init__(self, pool: _LokyPool) -> None:
         self._pool = pool
         self._batchable = False
-        self._paces: Dict[int, Tuple[Any, Pace]] = {}  # id(function) -> (function, its pace)
+        self._paces: Dict[Any, Pace] = {}  # by the work a task does (work_of)
 
     def expect_in_flight(self, limit: float) -> None:
         self._batchable = math.isinf(limit)
@@ -742,11 +760,10 @@ class _LokyRunner(TaskRunner):
     def start(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any], options: Mapping[str, Any], on_done: DoneCallback) -> Any:
         pace = None
         if self._batchable and light(args, kwargs):
-            key = fn.fn if type(fn) is InTask else fn  # (a new InTask wraps each task)
-            entry = self._paces.get(id(key))
-            if entry is None or entry[0] is not key:
-                entry = self._paces[id(key)] = (key, Pace())
-            pace = entry[1]
+            work = work_of(fn)
+            pace = self._paces.get(work)
+            if pace is None:
+                pace = self._paces[work] = Pace()
         return self._pool.start(fn, args, kwargs, on_done, pace)
 
     def withdraw(self, tokens: List[Any]) -> List[bool]:
