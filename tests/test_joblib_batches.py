@@ -47,8 +47,10 @@ def sent(joblib_backend: BaseParallelBackend, monkeypatch: pytest.MonkeyPatch) -
     to_loky: Callable[[Any], Any] = pool._to_loky
 
     def spy(call: Any) -> Any:
-        assert type(call) is Batch, call
-        log.append(("batch" if len(call.calls) > 1 else "alone", [c.args for c in call.calls]))
+        if type(call) is Batch:
+            log.append(("batch" if len(call.calls) > 1 else "alone", [c.args for c in call.calls]))
+        else:  # a task that may not be batched, as a plain call
+            log.append(("plain", [call.args]))
         return to_loky(call)
 
     monkeypatch.setattr(pool, "_to_loky", spy)

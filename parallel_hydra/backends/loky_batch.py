@@ -4,8 +4,8 @@ A loky call costs the process that submits it more than a trivial task takes (th
 is pickled, queued, sent and its result read back by loky's threads), which is why
 ``joblib.Parallel`` batches tasks too. The joblib backend's pool sends tasks it holds
 back as :class:`Batch` calls, sized by :class:`Pace`: how long the tasks of one function
-of one executor take, and how large their results are. Every task goes as a batch, of
-one where it goes alone.
+of one executor take, and how large their results are (a batch of one, until a
+function is measured).
 
 What runs in the worker keeps each task apart: each notes its own start in the start
 log (its :class:`~parallel_hydra.start_log.LoggedCall` does), and each outcome travels
