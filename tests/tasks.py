@@ -300,3 +300,13 @@ def wait_or_exit(door: str, bomb: str, timeout: float = 60.0) -> str:
             return "door"
         time.sleep(0.002)
     return "timeout"
+
+
+class BadRepr:
+    """A callable object whose ``repr`` raises; it waits for a gate like ``wait_for_file``."""
+
+    def __call__(self, path: str, timeout: float = 60.0) -> Any:
+        return wait_for_file(path, timeout, "door")
+
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr for this one")

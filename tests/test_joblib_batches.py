@@ -351,3 +351,46 @@ def test_results_travel_when_loky_pickles_with_plain_pickle(tmp_path: Path) -> N
     script.write_text(LOKY_PICKLER_APP)
     done = subprocess.run([sys.executable, str(script)], env=app_env(LOKY_PICKLER="pickle"), capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "ALL WELL" in done.stdout, done.stdout + done.stderr
+
+
+def test_a_slow_done_callback_while_many_lone_tasks_go_to_loky_hangs_nothing(
+    joblib_backend: BaseParallelBackend, tmp_path: Path
+) -> None:
+    """A done-callback runs on loky's thread; while it takes its time, this thread hands
+    loky more calls than its wakeup pipe holds (16,384), and blocks writing to it. loky's
+    thread, once back, must not wait for anything that thread holds."""
+    door = tmp_path / "door"
+    slow_started = threading.Event()
+
+    def slow(_: Any) -> None:
+        if not slow_started.is_set():
+            slow_started.set()
+            threading.Event().wait(3.0)  # a progress bar, a log write to a slow disk...
+
+    with joblib_backend.executor(cancel_futures="NONE") as executor:
+        [f.result(timeout=60) for f in [executor.submit(tasks.add, i, 1) for i in range(200)]]
+        gated = [executor.submit(tasks.wait_for_file, str(door), 60.0, i) for i in range(4)]
+        for future in gated:
+            future.add_done_callback(slow)
+        door.touch()
+        assert slow_started.wait(30)
+        handle = joblib_backend.put(1)
+        lone = [executor.submit(tasks.add, handle, i) for i in range(20000)]  # a handle: each its own loky call
+        assert [f.result(timeout=120) for f in lone] == [1 + i for i in range(20000)]
+
+
+def test_a_crash_beside_a_task_whose_repr_raises_settles_every_task(
+    joblib_backend: BaseParallelBackend, tmp_path: Path
+) -> None:
+    door, bomb = tmp_path / "door", tmp_path / "bomb"
+    with joblib_backend.executor(cancel_futures="NONE") as executor:
+        crash = executor.submit(tasks.wait_or_exit, str(door), str(bomb))
+        odd = executor.submit(tasks.BadRepr(), str(door))
+        assert wait_until(lambda: crash.running() and odd.running(), 30)
+        threading.Event().wait(1.0)  # both started
+        quick = [executor.submit(tasks.wait_for_file, str(door), 60.0, i) for i in range(100)]
+        bomb.touch()
+        assert isinstance(crash.exception(timeout=60), WorkerCrashedError)
+        door.touch()
+        assert isinstance(odd.exception(timeout=60), NeighborCrashedError)
+        assert [f.result(timeout=60) for f in quick] == list(range(100))

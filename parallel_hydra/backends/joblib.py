@@ -223,6 +223,17 @@ class _ThisProcess:
         pass
 
 
+def _task_name(fn: Any) -> str:
+    """A task's name for a message: never an error of its own (a ``repr`` may raise)."""
+    name = getattr(fn, "__name__", None)
+    if isinstance(name, str):
+        return name
+    try:
+        return repr(fn)
+    except Exception:
+        return type(fn).__name__
+
+
 def _end_with_parent(parent: int) -> None:
     """In each loky worker, at its start: end the worker, and whatever its task started,
     once the process that started the pool is gone.
@@ -339,6 +350,12 @@ class _LokyPool:
         self._tasks_out = 0  # the tasks in those calls, at most MAX_TASKS_OUT
         self._held: Deque[_LokyTask] = deque()  # (withdrawn or stopped ones are skipped)
         self._closed = False
+        # loky's thread never waits for _lock (see _call_back): the two counts have a
+        # lock of their own, never held while calling loky, and what loky's thread
+        # would send, a thread of the pool's own sends (_sender, started on first use).
+        self._counts = threading.Lock()
+        self._send_wanted = threading.Event()
+        self._sender: Optional[threading.Thread] = None
 
     def start(
         self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any], on_done: DoneCallback, pace: Optional[Pace]
@@ -425,8 +442,10 @@ class _LokyPool:
                 held = self._held
                 while held and not held[0].held:  # withdrawn or stopped meanwhile
                     held.popleft()
-                room = MAX_TASKS_OUT - self._tasks_out
-                if not held or self._calls_out >= self._depth or room <= 0:
+                with self._counts:
+                    room = MAX_TASKS_OUT - self._tasks_out
+                    full = self._calls_out >= self._depth
+                if not held or full or room <= 0:
                     return
                 pace = held[0].pace
                 size = min(room, pace.batch_size(len(held), self._depth) if pace is not None else 1)
@@ -442,8 +461,9 @@ class _LokyPool:
                 except Exception as exc:  # no pool could be had: these tasks fail, nothing waits
                     failed = exc
                 else:
-                    self._calls_out += 1
-                    self._tasks_out += len(batch)
+                    with self._counts:
+                        self._calls_out += 1
+                        self._tasks_out += len(batch)
                     for task in batch:
                         task.pool, task.future, task.batch, task.counted = pool, future, batch, True
                         self._live[task.call.number] = task
@@ -455,20 +475,41 @@ class _LokyPool:
             future.add_done_callback(functools.partial(self._reported, batch, pool, len(batch), True))
 
     def _call_back(self, tasks: int, broken: Optional[ProcessPoolExecutor] = None) -> None:
-        """One of the held tasks' loky calls came back, with ``tasks`` tasks: send what
-        waits, if anything does.
+        """On loky's thread: one of the held tasks' loky calls came back, with ``tasks``
+        tasks; what waits is sent, by the pool's sender thread.
 
-        Not where the call's pool ``broken`` is still being recovered: this is then
-        loky's thread, which kills the broken pool's workers only once its callbacks
-        return, and a new pool started here would delay that. The recovery sends what
-        waits when it is done; a call that comes back after that sends it here.
+        Not from here: a thread that submits holds ``_lock`` while loky writes to a
+        pipe that only loky's thread empties, so waiting for that lock here, or
+        submitting from here, can hang both once the pipe is full. Nothing is sent
+        where the call's pool ``broken`` is still being recovered: loky kills a broken
+        pool's workers only once its callbacks return, and a new pool would delay that;
+        the recovery sends what waits when it is done.
         """
-        with self._lock:
+        with self._counts:
             self._calls_out -= 1
             self._tasks_out -= tasks
-            if not self._held or (broken is not None and broken not in self._recovered):
+        if self._held and (broken is None or broken in self._recovered):
+            self._wake_sender()
+
+    def _wake_sender(self) -> None:
+        """Have the pool's sender thread send what is held (started on first use)."""
+        if self._sender is None:
+            with self._counts:
+                if self._sender is None and not self._closed:
+                    self._sender = threading.Thread(target=self._send_loop, name="parallel_hydra-loky-send", daemon=True)
+                    self._sender.start()
+        self._send_wanted.set()
+
+    def _send_loop(self) -> None:
+        while True:
+            self._send_wanted.wait()
+            self._send_wanted.clear()
+            if self._closed:
                 return
-        self._send_held()
+            try:
+                self._send_held()
+            except Exception:  # pragma: no cover - _send_held fails its tasks itself
+                logger.exception("sending held tasks to loky failed")
 
     def _reported(self, batch: List[_LokyTask], pool: ProcessPoolExecutor, counted: int, packed: bool, future: Future) -> None:
         """loky's report on one call: each task's own outcome; a broken pool is handled
@@ -612,35 +653,48 @@ class _LokyPool:
                     pass
             if stuck:
                 mp_wait([p.sentinel for p in stuck], timeout=30)
-        started = set().union(*(self._log.recently_started_by(p.pid) for p in processes)) if processes else set()
-        for task in affected:
-            if task.stopped or task.withdrawn or task.call is None:  # (None: reported meanwhile)
-                continue
-            number = task.call.number
-            name = getattr(task.call.fn, "__name__", repr(task.call.fn))
-            crash: Optional[WorkerCrashedError] = None
-            if number in blamed:
-                pid, exitcode = blamed[number]
-                crash = WorkerCrashedError(f"the worker process (pid {pid}) running task {name} died ({describe_exit(exitcode)})")
-            elif number in started:
-                crash = NeighborCrashedError(
-                    f"task {name} had started in the worker pool when {why}; loky then stops all the pool's "
-                    f"workers, so it was stopped (or its result lost) and is not run again: it may have had effects"
-                )
-            elif task.reruns >= _MAX_RERUNS:
-                crash = WorkerCrashedError(f"task {name} was in a worker pool that broke {task.reruns + 1} times: {error}")
-            if crash is not None:
-                crash.__cause__ = error
-                self._settle(task, False, crash)
-                continue
-            task.reruns += 1
-            try:
-                self._submit(task)
-            except Exception as exc:  # pragma: no cover - no new pool could be started
-                self._settle(task, False, exc)
-        with self._lock:
-            self._recovered.add(pool)
-        self._send_held()  # (not sent while loky was failing the broken pool)
+        try:
+            started = set().union(*(self._log.recently_started_by(p.pid) for p in processes)) if processes else set()
+            for task in affected:
+                try:
+                    self._recover_one(task, blamed, started, why, error)
+                except Exception as exc:  # pragma: no cover - one task's trouble must not strand the others
+                    logger.exception("recovering a task from a broken pool failed")
+                    if task.call is not None and not task.stopped and not task.withdrawn:
+                        self._settle(task, False, exc)
+        finally:
+            with self._lock:
+                self._recovered.add(pool)
+            self._send_held()  # (not sent while loky was failing the broken pool)
+
+    def _recover_one(
+        self, task: _LokyTask, blamed: Dict[int, Tuple[int, Optional[int]]], started: Set[int], why: str, error: BaseException
+    ) -> None:
+        """Fail one task of a broken pool if it had started, or run it again."""
+        if task.stopped or task.withdrawn or task.call is None:  # (None: reported meanwhile)
+            return
+        number = task.call.number
+        name = _task_name(task.call.fn)
+        crash: Optional[WorkerCrashedError] = None
+        if number in blamed:
+            pid, exitcode = blamed[number]
+            crash = WorkerCrashedError(f"the worker process (pid {pid}) running task {name} died ({describe_exit(exitcode)})")
+        elif number in started:
+            crash = NeighborCrashedError(
+                f"task {name} had started in the worker pool when {why}; loky then stops all the pool's "
+                f"workers, so it was stopped (or its result lost) and is not run again: it may have had effects"
+            )
+        elif task.reruns >= _MAX_RERUNS:
+            crash = WorkerCrashedError(f"task {name} was in a worker pool that broke {task.reruns + 1} times: {error}")
+        if crash is not None:
+            crash.__cause__ = error
+            self._settle(task, False, crash)
+            return
+        task.reruns += 1
+        try:
+            self._submit(task)
+        except Exception as exc:  # pragma: no cover - no new pool could be started
+            self._settle(task, False, exc)
 
     def withdraw(self, tokens: List[Any]) -> List[bool]:
         # loky's cancel() says True again for a future cancelled before; the lock makes
@@ -664,10 +718,11 @@ class _LokyPool:
                         freed += task.counted
                     task.withdrawn = ok
                 taken.append(ok)
-            self._calls_out -= freed
-            self._tasks_out -= freed  # (a lone task each)
+            with self._counts:
+                self._calls_out -= freed
+                self._tasks_out -= freed  # (a lone task each)
         if freed:
-            self._send_held()
+            self._wake_sender()  # (the caller may be a done-callback on loky's thread)
         return taken
 
     def stop(self, tokens: List[Any]) -> List[Any]:
@@ -731,10 +786,15 @@ class _LokyPool:
             self._held.clear()
             for task in held:
                 task.held = False
+        with self._counts:
+            sender, self._sender = self._sender, None
+        self._send_wanted.set()  # (it sees _closed and ends)
         for task in held:  # (none where every executor was shut down first)
             self._settle(task, False, RuntimeError("the joblib backend was shut down before the task could start"))
         if pool is not None:
             pool.shutdown(wait=True)
+        if sender is not None and sender is not threading.current_thread():
+            sender.join(10)
 
 
 class _SizedLokyBackend(SizedJoblibBackend, LokyBackend):
