@@ -22,8 +22,8 @@ Where there is nothing to keep it for, every task goes to the engine at once (no
 limit), as users of the raw engines do:
 
 - an engine that keeps a queue of its own and gives its workers only a few tasks
-  (Dask's scheduler) can take back from it what no worker has been given
-  (``TaskRunner.withdraw``), under any policy;
+  (Dask's scheduler, the joblib backend's pool) can take back from it what no worker
+  has been given (``TaskRunner.withdraw``), under any policy;
 - an engine that bounds concurrency itself, under a policy with no ``PENDING`` part
   (``NONE``, ``RUNNING``): ``future.cancel()`` takes back what the engine still can,
   and so does ``shutdown(cancel_futures=PENDING)`` given later; a task the engine has
@@ -836,22 +836,7 @@ class ParallelExecutor(Executor):
                 )
             self.shutdown(wait=True, cancel_futures=CancellationPolicy.ALL)
             return
-        if exc_type is not None:
-            with self._lock:
-                running = len(self._in_flight)
-                pending = len(self._queue)
-            waits_for = (0 if CancellationPolicy.RUNNING in self._policy else running) + (
-                0 if CancellationPolicy.PENDING in self._policy else pending
-            )
-            if waits_for:
-                logger.warning(
-                    "leaving the executor on %s: policy %s waits for %d task(s) to finish "
-                    "(Ctrl-C stops them; cancel_futures=ALL would not wait)",
-                    exc_type.__name__,
-                    self._policy.name,
-                    waits_for,
-                )
-        self.shutdown(wait=True)
+        self._shut_down(self._policy, True, leaving_on=None if exc_type is None else exc_type.__name__)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: Optional[PolicyLike] = None) -> None:
         """Stop accepting tasks, apply a cancellation policy, and release the engine.
@@ -867,9 +852,25 @@ class ParallelExecutor(Executor):
             ``concurrent.futures``: ``True`` is ``PENDING``). ``None`` applies the
             executor's own policy.
         """
-        policy = self._policy if cancel_futures is None else as_policy(cancel_futures)
+        self._shut_down(self._policy if cancel_futures is None else as_policy(cancel_futures), wait)
+
+    def _shut_down(self, policy: CancellationPolicy, wait: bool, leaving_on: Optional[str] = None) -> None:
+        """:meth:`shutdown`; ``leaving_on``: the name of the exception that leaves a
+        ``with`` block, for the warning that says what the policy still waits for (once
+        it has cancelled what it cancels: what the engine gave back is not waited for)."""
         _open_executors.discard(self)
         self._apply(policy)
+        if leaving_on is not None and wait:
+            with self._lock:
+                waits_for = len(self._in_flight) + len(self._queue)
+            if waits_for:
+                logger.warning(
+                    "leaving the executor on %s: policy %s waits for %d task(s) to finish "
+                    "(Ctrl-C stops them; cancel_futures=ALL would not wait)",
+                    leaving_on,
+                    policy.name,
+                    waits_for,
+                )
         if wait:
             try:
                 self._wait_in_engine(self._idle_now, None)

@@ -1,14 +1,16 @@
 """Many tasks at once on the joblib backend: they leave for loky in batches, and each
 still ends on its own.
 
-An executor that hands every task over at once (``NONE``, ``RUNNING``) lets the pool
-keep what loky's workers cannot take yet and send it in batches as calls come back: one
-loky call per trivial task costs more than the task. These tests fill the pool's calls
-with "door" tasks that wait for a file, so that what follows is held, then open it.
+An executor of the pool's size hands every task over at once, under any policy, and
+lets the pool keep what loky's workers cannot take yet and send it (in batches, where
+tasks are quick) as calls come back: one loky call per trivial task costs more than the
+task. These tests fill the pool's calls with "door" tasks that wait for a file, so that
+what follows is held, then open it.
 
 What they check is what batching must not change: each task's own outcome, ``cancel()``
-of what waits, ``RUNNING`` stopping only what runs, no task run twice after a crash, and
-no batching of slow tasks, of large arguments, or behind another executor's tasks.
+of what waits, ``PENDING`` cancelling what no worker has and ``RUNNING`` stopping only
+what runs, no task run twice after a crash, and no batching of slow tasks, of large
+arguments, or behind a smaller executor's tasks.
 """
 
 from __future__ import annotations
@@ -31,8 +33,8 @@ import tasks
 from apps import MARKER, interrupt_group, leftovers, wait_until
 from ray_support import app_env
 
-#: loky calls the pool keeps out for held tasks (2 * size + 1 for the session's 2 CPUs).
-DEPTH = 5
+#: loky calls the pool keeps out for held tasks (2 * size for the session's 2 CPUs).
+DEPTH = 4
 
 
 @pytest.fixture
@@ -210,27 +212,57 @@ def test_slow_tasks_are_not_batched_after_quick_ones(
     assert len(slow_batches) <= DEPTH, f"the pace did not follow the slower tasks: {slow_batches}"
 
 
-def test_large_arguments_and_other_executors_tasks_are_not_held(
+def test_large_arguments_go_alone_and_a_smaller_executors_tasks_are_not_held(
     joblib_backend: BaseParallelBackend, sent: List[Tuple[str, List[Any]]], tmp_path: Path
 ) -> None:
     door, other_door = tmp_path / "door", tmp_path / "other door"
-    with joblib_backend.executor(cancel_futures="PENDING") as pending, joblib_backend.executor(cancel_futures="NONE") as executor:
-        # Another executor's tasks fill loky's queue; they do not count against held tasks.
-        blocking = [pending.submit(tasks.wait_for_file, str(other_door), 120.0, "door") for _ in range(4)]
+    with joblib_backend.executor(max_workers=1) as smaller, joblib_backend.executor(cancel_futures="NONE") as executor:
+        # A smaller executor bounds its own tasks and sends them straight to loky: they
+        # do not count against held tasks.
+        blocking = smaller.submit(tasks.wait_for_file, str(other_door), 120.0, "door")
         quick = [executor.submit(tasks.add, i, 1) for i in range(3)]
-        assert _held(joblib_backend) == 0, "tasks were held behind another executor's"
+        assert _held(joblib_backend) == 0, "tasks were held behind a smaller executor's"
         other_door.touch()
         [f.result(timeout=120) for f in [executor.submit(tasks.length, b"xy") for i in range(20)]]
         doors = _doors(executor, door)
         big = bytes(1 << 20)
         large = [executor.submit(tasks.length, big) for _ in range(3)]
         small = [executor.submit(tasks.length, b"x") for _ in range(3)]
-        assert _held(joblib_backend) == 3, "only the small ones may wait to be batched"
+        assert _held(joblib_backend) == 6, "tasks were sent past the held tasks' calls"
+        del sent[:]
         door.touch()
         assert [f.result(timeout=120) for f in large] == [1 << 20] * 3
         assert [f.result(timeout=120) for f in small + quick] == [1, 1, 1, 1, 2, 3]
-        [f.result(timeout=120) for f in blocking + doors]
-    assert not [args for args in _batches(sent) if any(len(a) == 1 and a[0] == big for a in args)]
+        [f.result(timeout=120) for f in [blocking, *doors]]
+    assert [kind for kind, args in sent if any(a and a[0] is big for a in args)] == ["plain"] * 3, sent
+
+
+def test_pending_cancels_what_waits_and_lets_only_size_calls_wait_ahead(
+    joblib_backend: BaseParallelBackend, sent: List[Tuple[str, List[Any]]], tmp_path: Path
+) -> None:
+    """A ``PENDING`` executor of the pool's size hands every task over at once too: what
+    the pool holds is what no worker has, and that is what ``PENDING`` cancels. Slow
+    tasks go alone, so no more of them wait at the workers than under an executor that
+    hands over ``2 * max_workers`` at a time."""
+    door = tmp_path / "door"
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    executor = joblib_backend.executor(cancel_futures="PENDING")
+    with executor:
+        assert [f.result(timeout=120) for f in [executor.submit(tasks.add, i, 1) for i in range(200)]] == list(range(1, 201))
+        doors = [executor.submit(tasks.wait_for_file, str(door), 120.0, "door") for _ in range(DEPTH)]
+        waiting = [executor.submit(tasks.note_run, str(runs), i) for i in range(50)]
+        assert _held(joblib_backend) == 50, "tasks were sent past the held tasks' calls"
+        assert all(f.running() for f in doors + waiting), "handed over: the engine may still give them back"
+        waiting[10].cancel()
+        assert waiting[10].cancelled() and _held(joblib_backend) == 49
+        executor.shutdown(wait=False)  # PENDING: takes back what the pool holds
+        assert all(f.cancelled() for f in waiting), "a held task was not cancelled"
+        door.touch()
+    # A door loky had not yet moved to its workers' queue was taken back too.
+    assert all(f.cancelled() or f.result(timeout=0) == "door" for f in doors)
+    assert not list(runs.iterdir()), "a cancelled task ran"
+    assert [kind for kind, args in sent if any(a[:1] == (str(door),) for a in args)] == ["alone"] * DEPTH
 
 
 def test_a_large_array_result_arrives_whole_and_writable(joblib_backend: BaseParallelBackend) -> None:
@@ -308,14 +340,14 @@ def test_a_crash_beside_a_worker_busy_with_batches_runs_no_task_twice(tmp_path: 
         return on_done
 
     try:
-        waiting = [pool.start(tasks.wait_or_exit, (str(door), str(bomb)), {}, lambda ok, v: None, None) for _ in range(6)]
+        waiting = [pool.start(tasks.wait_or_exit, (str(door), str(bomb)), {}, lambda ok, v: None, None, False) for _ in range(6)]
         assert waiting
         pace = Pace()
         pace.note(1e-6, 10)  # known quick: batched from the start
         threading.Timer(0.5, bomb.touch).start()
         n = 20000
         for i in range(n):
-            pool.start(tasks.note_run, (str(runs), i), {}, report(i), pace)
+            pool.start(tasks.note_run, (str(runs), i), {}, report(i), pace, True)
         assert wait_until(lambda: len(outcomes) == n, 120), f"only {len(outcomes)} of {n} tasks settled"
     finally:
         door.touch()

@@ -90,13 +90,15 @@ def test_cancel_under_none_takes_back_a_task_still_queued_in_loky(tmp_path: Path
     assert len(ran.read_text().splitlines()) == 11
 
 
-def test_under_pending_the_shared_pool_gets_at_most_twice_max_workers(tmp_path: Path) -> None:
+def test_under_pending_loky_gets_at_most_twice_the_pool_size(tmp_path: Path) -> None:
     gate = tmp_path / "gate"
     with JoblibParallelBackend(n_cpus=2) as backend:
         with backend.executor(max_workers=2, cancel_futures="PENDING") as executor:
             futures = [executor.submit(tasks.wait_for_file, str(gate), 60, i) for i in range(10)]
-            assert sum(f.running() for f in futures) == 4
-            executor.shutdown(wait=False)  # the 6 the executor holds, and any loky gives back
+            # All handed to the pool, which sends 2 * size calls and holds the rest.
+            assert all(f.running() for f in futures)
+            assert sum(task.held for task in backend._task_pool._held) == 6  # type: ignore[attr-defined]
+            executor.shutdown(wait=False)  # the 6 the pool holds, and any loky gives back
             gate.touch()
         assert all(f.cancelled() for f in futures[4:])
         assert all(f.cancelled() or f.result() == i for i, f in enumerate(futures[:4]))

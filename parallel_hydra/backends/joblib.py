@@ -2,24 +2,23 @@
 
 The backend keeps one loky process pool, sized to its CPUs, that all its executors
 share: a new executor finds the workers started and warm (their imports done), as
-loky's reusable executor does for ``joblib.Parallel``. loky queues submitted work
-itself and moves up to ``2 * size + 1`` tasks to its workers ahead of the running ones.
-An executor whose ``max_workers`` is the pool's size is bounded by the pool: under a
-policy that never cancels pending tasks (``NONE``, ``RUNNING``) it hands loky every task
-at once, as a user of loky's executor does; under ``PENDING`` it hands over
-``2 * max_workers`` at a time, so that no more than ``max_workers`` wait at a worker.
-An executor with fewer ``max_workers`` is bounded by its own count of tasks in flight.
-Tasks still in loky's queue can be taken back (``future.cancel()``, ``PENDING``).
-Workers outlive executors, not the backend: its ``shutdown`` stops them.
+loky's reusable executor does for ``joblib.Parallel``. An executor whose
+``max_workers`` is at least the pool's size is bounded by the pool, and hands it every
+task at once under any policy, as a user of loky's executor does. An executor with fewer
+``max_workers`` is bounded by its own count of tasks in flight. Workers outlive
+executors, not the backend: its ``shutdown`` stops them.
 
-What an executor hands over all at once does not all go to loky at once. The pool keeps
-``2 * size + 1`` such loky calls out (what loky moves to its workers anyway) and holds
-the rest, cancellable, until calls come back; then it sends them in batches, several
-tasks of one function to one loky call, sized by the time the function's tasks take
-(about 5 ms a batch: tasks slower than that, or with large arguments, go alone). One
-loky call costs the submitting process more than a trivial task takes, which is why
-``joblib.Parallel`` batches too (see :mod:`.loky_batch`). Each task of a batch still
-notes its own start, and its outcome travels pickled on its own.
+What an executor hands over all at once does not all go to loky at once: loky would
+move up to ``2 * size + 1`` calls to its workers ahead of the running ones, where
+nothing can take them back. The pool keeps ``2 * size`` such loky calls out, so that
+no more than ``size`` wait at the workers (what the ``PENDING`` policy lets finish), and
+holds the rest, where ``future.cancel()`` and ``PENDING`` take them back, until calls
+come back. Then it sends them; quick ones in batches, several tasks of one function to
+one loky call, sized by the time the function's tasks take (about 5 ms a batch: tasks
+slower than that, or with large arguments, go alone). One loky call costs the
+submitting process more than a trivial task takes, which is why ``joblib.Parallel``
+batches too (see :mod:`.loky_batch`). Each task of a batch still notes its own start,
+and its outcome travels pickled on its own.
 
 A loky pool is all or nothing: one dead worker fails every unfinished task of the pool,
 and loky kills the pool's other workers with the tasks they run. The backend keeps the
@@ -321,10 +320,10 @@ class _LokyPool:
     tasks that turn out not to have started are given back to their executor. A new
     pool is started on the next task after that, never before.
 
-    Held tasks reach loky as :class:`~.loky_batch.Batch` calls, of one task or several,
-    which send each outcome back pickled on its own: a result that cannot be unpickled
-    here fails its own task, where loky alone would break the pool over it. Other tasks
-    go as plain calls, which cost a ``PENDING`` executor's lone tasks about 10% less.
+    Held tasks that may be batched reach loky as :class:`~.loky_batch.Batch` calls, of
+    one task or several, which send each outcome back pickled on its own: a result that
+    cannot be unpickled here fails its own task, where loky alone would break the pool
+    over it. Other tasks go as plain calls, which cost a lone task about 10% less.
     """
 
     def __init__(self, size: int, idle_timeout: float, start_log: StartLog, env: Dict[str, str]) -> None:
@@ -341,11 +340,13 @@ class _LokyPool:
         self._broken_pools: "weakref.WeakSet[ProcessPoolExecutor]" = weakref.WeakSet()
         self._recovered: "weakref.WeakSet[ProcessPoolExecutor]" = weakref.WeakSet()  # (see _call_back)
         self._killed: Set[int] = set()  # worker PIDs stop() killed, not yet seen dead
-        # Tasks that may be batched (their executor hands over everything at once) wait
-        # here while `_depth` of their loky calls are out, and leave in batches as calls
-        # come back. Only their calls count: an executor that hands over a few at a time
-        # (PENDING) sends its tasks straight to loky, and must not hold these back.
-        self._depth = 2 * size + 1
+        # The tasks of executors that hand over everything at once wait here while
+        # `_depth` of their loky calls are out, and leave as calls come back (quick ones
+        # in batches): so at most `size` calls wait at the workers ahead of the running
+        # ones, as many as the PENDING policy lets wait there, and the rest can be taken
+        # back. Only their calls count: an executor that hands over a few at a time (a
+        # smaller one) sends its tasks straight to loky, and must not hold these back.
+        self._depth = 2 * size
         self._calls_out = 0
         self._tasks_out = 0  # the tasks in those calls, at most MAX_TASKS_OUT
         self._held: Deque[_LokyTask] = deque()  # (withdrawn or stopped ones are skipped)
@@ -358,29 +359,51 @@ class _LokyPool:
         self._sender: Optional[threading.Thread] = None
 
     def start(
-        self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any], on_done: DoneCallback, pace: Optional[Pace]
+        self,
+        fn: Callable[..., Any],
+        args: Tuple[Any, ...],
+        kwargs: Dict[str, Any],
+        on_done: DoneCallback,
+        pace: Optional[Pace],
+        hold: bool,
     ) -> Any:
-        """Run a task; ``pace`` is its function's if it may share a loky call with others."""
+        """Run a task. ``hold``: its executor hands over every task at once, so the task
+        waits here for one of the ``_depth`` calls (and can be taken back meanwhile);
+        ``pace``: its function's, if it may share a loky call with others."""
         task = _LokyTask(self._log.call(fn, args, kwargs), on_done, pace)
         if not _has_handles(args, kwargs):
-            if pace is None:
+            if hold:
+                self._hold(task)
+            else:
                 self._submit(task, resolved=True)
-                return task
-            with self._lock:
-                task.held = True
-                self._held.append(task)
-                if self._calls_out >= self._depth:
-                    return task
-            self._send_held()
             return task
         waiting = _unready_handles(args, kwargs)
         if waiting:  # a handle argument is resolved when the task can start, not before
-            _when_ready(waiting, lambda: self._submit_when_ready(task))
+            _when_ready(waiting, lambda: self._submit_when_ready(task, hold))
+        elif hold:
+            task.call.args, task.call.kwargs = _resolve(args, kwargs)
+            self._hold(task)
         else:
             self._submit(task)
         return task
 
-    def _submit_when_ready(self, task: _LokyTask) -> None:
+    def _hold(self, task: _LokyTask, on_callback: bool = False) -> None:
+        """Queue a task (its handle arguments resolved) for a call of the held tasks';
+        send what fits now, from this thread or (``on_callback``: maybe loky's) the
+        pool's sender."""
+        with self._lock:
+            if task.withdrawn or task.stopped:
+                return
+            task.held = True
+            self._held.append(task)
+            if self._calls_out >= self._depth:
+                return
+        if on_callback:
+            self._wake_sender()
+        else:
+            self._send_held()
+
+    def _submit_when_ready(self, task: _LokyTask, hold: bool) -> None:
         call = task.call
         failed = _failed_handle(call.args, call.kwargs)
         with self._lock:
@@ -390,14 +413,18 @@ class _LokyPool:
             task.on_done(False, failed)
             return
         try:
-            self._submit(task)
+            if hold:
+                call.args, call.kwargs = _resolve(call.args, call.kwargs)
+                self._hold(task, on_callback=True)
+            else:
+                self._submit(task)
         except Exception as exc:  # no pool could be had: the task fails, nothing waits
             task.on_done(False, exc)
 
     def _submit(self, task: _LokyTask, resolved: bool = False) -> None:
-        """Send one task to loky as a plain call of its own (not a :class:`Batch`, which
-        would cost a lone task of a ``PENDING`` executor about 10% more, and not counted
-        among held tasks' calls)."""
+        """Send one task to loky at once, as a plain call of its own, not counted among
+        held tasks' calls: a task of an executor that hands over only a few at a time,
+        or one run again after a crash."""
         call = task.call
         if not resolved:
             call.args, call.kwargs = _resolve(call.args, call.kwargs)
@@ -435,7 +462,9 @@ class _LokyPool:
         """Send held tasks while fewer than ``_depth`` of their loky calls are out.
 
         A batch takes the tasks at the head of the queue that share a function, as many
-        as its :class:`Pace` allows (one, until the pace is measured).
+        as its :class:`Pace` allows (one, until the pace is measured). A task that may
+        not be batched goes as a plain call (a :class:`Batch` of one would cost a lone
+        task about 10% more).
         """
         while True:
             with self._lock:
@@ -456,8 +485,9 @@ class _LokyPool:
                         task.held = False
                         batch.append(task)
                 failed: Optional[Exception] = None
+                packed = pace is not None
                 try:
-                    pool, future = self._to_loky(Batch([t.call for t in batch]))
+                    pool, future = self._to_loky(Batch([t.call for t in batch]) if packed else batch[0].call)
                 except Exception as exc:  # no pool could be had: these tasks fail, nothing waits
                     failed = exc
                 else:
@@ -472,7 +502,7 @@ class _LokyPool:
                     self._settle(task, False, failed)
                 continue
             _after_loky_started()
-            future.add_done_callback(functools.partial(self._reported, batch, pool, len(batch), True))
+            future.add_done_callback(functools.partial(self._reported, batch, pool, len(batch), packed))
 
     def _call_back(self, tasks: int, broken: Optional[ProcessPoolExecutor] = None) -> None:
         """On loky's thread: one of the held tasks' loky calls came back, with ``tasks``
@@ -804,14 +834,13 @@ class _SizedLokyBackend(SizedJoblibBackend, LokyBackend):
 class _LokyRunner(TaskRunner):
     """One executor's side of the backend's shared :class:`_LokyPool`.
 
-    The pool bounds an executor of its size: such an executor may hand it tasks ahead
-    (all of them where the policy never cancels pending tasks). loky moves up to
-    ``2 * size + 1`` tasks to its workers ahead of the running ones, more than the
-    ``PENDING`` policy lets wait there, so the executor keeps its own queue under that
-    policy (``keeps_own_queue`` is false) and hands over ``2 * max_workers`` at a time.
-    A smaller executor is bounded by its own count of tasks in flight. Either way a
-    task that still waits in loky's queue (behind other executors' tasks too) can be
-    taken back.
+    An executor of the pool's size (or larger) hands it every task at once, under any
+    policy: the pool keeps its own queue (``keeps_own_queue``). It holds the tasks and
+    keeps ``2 * size`` loky calls out for them, each of one task or a batch of quick
+    ones, so that at most ``size`` calls wait at the workers ahead of the running ones.
+    What it holds, and a call still in loky's queue, it gives back (``withdraw``):
+    ``PENDING`` cancels exactly that. A smaller executor is bounded by its own count of
+    tasks in flight, and sends each task to loky alone and at once.
 
     The tasks of an executor that hands over everything at once may be batched, where
     their arguments are small: the runner keeps a :class:`Pace` per function for them.
@@ -819,13 +848,16 @@ class _LokyRunner(TaskRunner):
 
     def __init__(self, pool: _LokyPool) -> None:
         self._pool = pool
-        self._batchable = False
+        self._holds = False
         self._paces: Dict[Any, Pace] = {}  # by the work a task does (work_of)
 
     def expect_in_flight(self, limit: float) -> None:
-        self._batchable = math.isinf(limit)
+        self._holds = math.isinf(limit)
 
     def enforces_bound(self, max_workers: int) -> bool:
+        return self._pool.size <= max_workers
+
+    def keeps_own_queue(self, max_workers: int) -> bool:
         return self._pool.size <= max_workers
 
     def can_withdraw(self, max_workers: int) -> bool:
@@ -833,12 +865,12 @@ class _LokyRunner(TaskRunner):
 
     def start(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any], options: Mapping[str, Any], on_done: DoneCallback) -> Any:
         pace = None
-        if self._batchable and light(args, kwargs):
+        if self._holds and light(args, kwargs):
             work = work_of(fn)
             pace = self._paces.get(work)
             if pace is None:
                 pace = self._paces[work] = Pace()
-        return self._pool.start(fn, args, kwargs, on_done, pace)
+        return self._pool.start(fn, args, kwargs, on_done, pace, self._holds)
 
     def withdraw(self, tokens: List[Any]) -> List[bool]:
         return self._pool.withdraw(tokens)
