@@ -15,10 +15,12 @@ For each engine, in one process:
     ``MapReduceJob`` or ``init_executor`` per step makes them);
   - the raw engine as its users drive it (loky's executor, ``ray.remote`` + ``ray.get``,
     ``client.submit`` + ``result``), the raw engine held to the bound that
-    ``PENDING`` keeps (``2 * max_workers`` tasks in flight on loky and Ray, refilled
-    from completion callbacks; Dask needs none: its scheduler queues tasks), and the
-    raw engine with every task at once but a completion callback per task, which is
-    how our executor hears of each task's end (what that style costs is the engine's);
+    ``PENDING`` keeps on Ray (``2 * max_workers`` tasks in flight, refilled from
+    completion callbacks; on loky too, for comparison: there our pool holds the tasks
+    itself and keeps ``2 * size`` calls out, quick tasks in batches; Dask needs none:
+    its scheduler queues tasks), and the raw engine with every task at once but a
+    completion callback per task, which is how our executor hears of each task's end
+    (what that style costs is the engine's);
 
 - map: ``executor.map`` of the same tiny function, against ``joblib.Parallel``;
 - sleep: 100 tasks of 50 ms on 2 workers, against the ideal 2.5 s;

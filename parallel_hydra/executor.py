@@ -836,7 +836,10 @@ class ParallelExecutor(Executor):
                 )
             self.shutdown(wait=True, cancel_futures=CancellationPolicy.ALL)
             return
-        self._shut_down(self._policy, True, leaving_on=None if exc_type is None else exc_type.__name__)
+        if exc_type is None:
+            self.shutdown(wait=True)
+        else:
+            self._shut_down(self._policy, True, leaving_on=exc_type.__name__)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: Optional[PolicyLike] = None) -> None:
         """Stop accepting tasks, apply a cancellation policy, and release the engine.

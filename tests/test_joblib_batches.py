@@ -265,6 +265,43 @@ def test_pending_cancels_what_waits_and_lets_only_size_calls_wait_ahead(
     assert [kind for kind, args in sent if any(a[:1] == (str(door),) for a in args)] == ["alone"] * DEPTH
 
 
+def test_tasks_with_handle_arguments_go_alone(joblib_backend: BaseParallelBackend, sent: List[Tuple[str, List[Any]]]) -> None:
+    """A handle's value is known only once it is resolved, so however small it looks,
+    its task is never batched."""
+    values = [joblib_backend.put(bytes(300_000)) for _ in range(30)]
+    with joblib_backend.executor(cancel_futures="PENDING") as executor:
+        [f.result(timeout=120) for f in [executor.submit(tasks.length, b"x") for _ in range(50)]]  # a known pace
+        del sent[:]
+        assert [f.result(timeout=120) for f in [executor.submit(tasks.length, v) for v in values]] == [300_000] * 30
+    assert [kind for kind, _ in sent] == ["plain"] * 30, sent
+
+
+def test_after_a_crash_pending_still_lets_only_size_calls_wait_ahead(joblib_backend: BaseParallelBackend, tmp_path: Path) -> None:
+    """Tasks run again after a crash go first of the held tasks, within the pool's calls
+    for them: ``PENDING`` then still cancels all but ``size`` calls waiting at the
+    workers, and no task runs twice."""
+    door, bomb, later = tmp_path / "door", tmp_path / "bomb", tmp_path / "later"
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    executor = joblib_backend.executor(cancel_futures="PENDING")
+    with executor:
+        doomed = [executor.submit(tasks.wait_or_exit, str(door), str(bomb), 120.0) for _ in range(2)]
+        queued = [executor.submit(tasks.wait_for_file, str(later), 120.0, "later") for _ in range(2)]
+        waiting = [executor.submit(tasks.note_run, str(runs), i) for i in range(20)]
+        assert _held(joblib_backend) == 20
+        bomb.touch()  # both running tasks end their workers: the two queued ones run again
+        assert all(isinstance(f.exception(timeout=60), WorkerCrashedError) for f in doomed)
+        # The reruns and then two of the waiting tasks fill the new pool's 2 * size calls.
+        assert wait_until(lambda: _held(joblib_backend) == 18, 30), f"{_held(joblib_backend)} held, not 18"
+        executor.shutdown(wait=False)
+        later.touch()
+    assert [f.result(timeout=0) for f in queued] == ["later", "later"]
+    kept = [i for i, f in enumerate(waiting) if not f.cancelled()]
+    assert len(kept) <= 2, f"{kept} were not cancelled: more than size calls waited ahead"
+    ran = sorted(int(line) for record in runs.iterdir() for line in record.read_text().split())
+    assert ran == [i for i in kept if waiting[i].result(timeout=0) == i], "a cancelled task ran, or one ran twice"
+
+
 def test_a_large_array_result_arrives_whole_and_writable(joblib_backend: BaseParallelBackend) -> None:
     """Results travel pickled on their own, their buffers out of band: an array arrives
     as it left, writable, whether its task went alone or in a batch."""

@@ -394,11 +394,15 @@ class _LokyPool:
         with self._lock:
             if task.withdrawn or task.stopped:
                 return
-            task.held = True
-            self._held.append(task)
-            if self._calls_out >= self._depth:
-                return
-        if on_callback:
+            closed = self._closed
+            if not closed:
+                task.held = True
+                self._held.append(task)
+                if self._calls_out >= self._depth:
+                    return
+        if closed:  # (its handles resolved after the backend shut down)
+            self._settle(task, False, RuntimeError("the joblib backend was shut down before the task could start"))
+        elif on_callback:
             self._wake_sender()
         else:
             self._send_held()
@@ -586,15 +590,12 @@ class _LokyPool:
                 self._settle(task, *unpacked(getattr(task.call.fn, "__name__", ""), outcomes[i]))
             return
         unsent = isinstance(error, pickle.PicklingError) and "Could not pickle the task" in str(error)
+        if unsent and len(batch) > 1:
+            # Nothing of the batch left this process: each task goes again alone, so
+            # that only the one that does not pickle fails, first of what is held.
+            self._hold_again([task for _, task in mine])
+            return
         for _, task in mine:
-            if unsent and len(batch) > 1:
-                # Nothing of the batch left this process: each task goes again alone,
-                # so that only the one that does not pickle fails.
-                try:
-                    self._submit(task, resolved=True)
-                except Exception as exc:  # the backend is shut down
-                    self._settle(task, False, exc)
-                continue
             try:
                 failure = _translated(error, task.call)
             except Exception as exc:  # the future must settle whatever happens here
@@ -685,22 +686,31 @@ class _LokyPool:
                 mp_wait([p.sentinel for p in stuck], timeout=30)
         try:
             started = set().union(*(self._log.recently_started_by(p.pid) for p in processes)) if processes else set()
+            rerun: List[_LokyTask] = []
             for task in affected:
                 try:
-                    self._recover_one(task, blamed, started, why, error)
+                    self._recover_one(task, blamed, started, why, error, rerun)
                 except Exception as exc:  # pragma: no cover - one task's trouble must not strand the others
                     logger.exception("recovering a task from a broken pool failed")
                     if task.call is not None and not task.stopped and not task.withdrawn:
                         self._settle(task, False, exc)
+            self._hold_again(rerun)
         finally:
             with self._lock:
                 self._recovered.add(pool)
             self._send_held()  # (not sent while loky was failing the broken pool)
 
     def _recover_one(
-        self, task: _LokyTask, blamed: Dict[int, Tuple[int, Optional[int]]], started: Set[int], why: str, error: BaseException
+        self,
+        task: _LokyTask,
+        blamed: Dict[int, Tuple[int, Optional[int]]],
+        started: Set[int],
+        why: str,
+        error: BaseException,
+        rerun: List[_LokyTask],
     ) -> None:
-        """Fail one task of a broken pool if it had started, or run it again."""
+        """Fail one task of a broken pool if it had started, or run it again (a held
+        one: added to ``rerun``, to be held again)."""
         if task.stopped or task.withdrawn or task.call is None:  # (None: reported meanwhile)
             return
         number = task.call.number
@@ -721,10 +731,31 @@ class _LokyPool:
             self._settle(task, False, crash)
             return
         task.reruns += 1
+        if task.counted:  # from the held tasks: again first of them, within their calls
+            rerun.append(task)
+            return
         try:
             self._submit(task)
         except Exception as exc:  # pragma: no cover - no new pool could be started
             self._settle(task, False, exc)
+
+    def _hold_again(self, tasks: List[_LokyTask]) -> None:
+        """Put tasks that left the held queue back at its head, in order, each to go
+        alone (a plain call): a batch that did not pickle, reruns after a crash. The
+        caller sends them (``_send_held``), or a report of a call does."""
+        closed: List[_LokyTask] = []
+        with self._lock:
+            for task in reversed(tasks):
+                if task.withdrawn or task.stopped or task.call is None:
+                    continue
+                if self._closed:
+                    closed.append(task)
+                    continue
+                task.pace, task.held, task.counted = None, True, False
+                task.pool = task.future = task.batch = None
+                self._held.appendleft(task)
+        for task in closed:
+            self._settle(task, False, RuntimeError("the joblib backend was shut down before the task could start"))
 
     def withdraw(self, tokens: List[Any]) -> List[bool]:
         # loky's cancel() says True again for a future cancelled before; the lock makes
@@ -865,7 +896,8 @@ class _LokyRunner(TaskRunner):
 
     def start(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any], options: Mapping[str, Any], on_done: DoneCallback) -> Any:
         pace = None
-        if self._holds and light(args, kwargs):
+        # (A handle's value is not known here: such a task goes alone, whatever its size.)
+        if self._holds and not _has_handles(args, kwargs) and light(args, kwargs):
             work = work_of(fn)
             pace = self._paces.get(work)
             if pace is None:
