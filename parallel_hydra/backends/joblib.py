@@ -428,7 +428,7 @@ class _LokyPool:
     def _submit(self, task: _LokyTask, resolved: bool = False) -> None:
         """Send one task to loky at once, as a plain call of its own, not counted among
         held tasks' calls: a task of an executor that hands over only a few at a time,
-        or one run again after a crash."""
+        or such a task run again after a crash."""
         call = task.call
         if not resolved:
             call.args, call.kwargs = _resolve(call.args, call.kwargs)
@@ -626,10 +626,12 @@ class _LokyPool:
             self._broken_pools.add(pool)
             if self._pool is pool:
                 self._pool = None
-            # A snapshot: another pool's thread may report (pop) meanwhile.
-            affected = [t for t in list(self._live.values()) if t.pool is pool]
-            for t in affected:
-                self._live.pop(t.call.number, None)
+            # Claimed by the pop, as _report claims what it reports: another thread
+            # (another pool's, loky's feeder, one that saw a future already done) may
+            # report some of these meanwhile, and exactly one side gets each task.
+            affected = [
+                t for number, t in list(self._live.items()) if t.pool is pool and self._live.pop(number, None) is t
+            ]
         processes = dict(getattr(pool, "_processes", {}) or {})
         dead = {pid: p.exitcode for pid, p in processes.items() if p.exitcode is not None}
         blamed: Dict[int, Tuple[int, Optional[int]]] = {}  # task number -> (pid, exit code)
@@ -711,7 +713,7 @@ class _LokyPool:
     ) -> None:
         """Fail one task of a broken pool if it had started, or run it again (a held
         one: added to ``rerun``, to be held again)."""
-        if task.stopped or task.withdrawn or task.call is None:  # (None: reported meanwhile)
+        if task.stopped or task.withdrawn or task.held or task.call is None:  # (None: reported meanwhile)
             return
         number = task.call.number
         name = _task_name(task.call.fn)
