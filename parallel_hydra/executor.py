@@ -828,13 +828,7 @@ class ParallelExecutor(Executor):
         applies the executor's policy, and says what it waits for.
         """
         if exc_type is not None and issubclass(exc_type, KeyboardInterrupt):
-            with self._lock:
-                counts = (len(self._in_flight), len(self._queue))
-            if any(counts):
-                logger.warning(
-                    "interrupted: stopping %d running and %d pending task(s) (policy ALL)", *counts
-                )
-            self.shutdown(wait=True, cancel_futures=CancellationPolicy.ALL)
+            self._shut_down(CancellationPolicy.ALL, True, leaving_on=exc_type.__name__)
             return
         if exc_type is None:
             self.shutdown(wait=True)
@@ -859,11 +853,20 @@ class ParallelExecutor(Executor):
 
     def _shut_down(self, policy: CancellationPolicy, wait: bool, leaving_on: Optional[str] = None) -> None:
         """:meth:`shutdown`; ``leaving_on``: the name of the exception that leaves a
-        ``with`` block, for the warning that says what the policy still waits for (once
-        it has cancelled what it cancels: what the engine gave back is not waited for)."""
+        ``with`` block, for the warning that says what was stopped and cancelled (on
+        Ctrl-C) or what the policy still waits for (once it has cancelled what it
+        cancels: what the engine gave back is not waited for)."""
         _open_executors.discard(self)
-        self._apply(policy)
-        if leaving_on is not None and wait:
+        stopped, cancelled = self._apply(policy)
+        if leaving_on == KeyboardInterrupt.__name__:
+            if stopped or cancelled:
+                logger.warning(
+                    "interrupted: stopped %d running task(s) and cancelled %d that had not started (policy %s)",
+                    stopped,
+                    cancelled,
+                    policy.name,
+                )
+        elif leaving_on is not None and wait:
             with self._lock:
                 waits_for = len(self._in_flight) + len(self._queue)
             if waits_for:
@@ -895,8 +898,9 @@ class ParallelExecutor(Executor):
             self._deferred_close = True
         self._close_if_finished()
 
-    def _apply(self, policy: CancellationPolicy) -> None:
-        """Stop accepting tasks and cancel what ``policy`` says."""
+    def _apply(self, policy: CancellationPolicy) -> Tuple[int, int]:
+        """Stop accepting tasks and cancel what ``policy`` says; how many running tasks
+        were stopped, and how many that had not started were cancelled."""
         dropped: List[_Task] = []
         with self._lock:
             self._shutting_down = True
@@ -906,13 +910,16 @@ class ParallelExecutor(Executor):
         for task in dropped:
             task.future.cancel()
             task.release()
+        stopped, cancelled = 0, len(dropped)
         if CancellationPolicy.RUNNING in policy:  # also takes back what waits in the engine
-            self._stop_in_flight(keep_pending=CancellationPolicy.PENDING not in policy)
+            stopped, taken_back = self._stop_in_flight(keep_pending=CancellationPolicy.PENDING not in policy)
+            cancelled += taken_back
         elif CancellationPolicy.PENDING in policy and self._can_withdraw:
             with self._lock:
                 candidates = list(self._in_flight)
-            self._withdraw_tasks(candidates)
+            cancelled += len(self._withdraw_tasks(candidates))
         self._close_if_finished()
+        return stopped, cancelled
 
     def _close_if_finished(self) -> None:
         """After ``shutdown(wait=False)``: release the engine once no task is left."""
@@ -957,18 +964,21 @@ class ParallelExecutor(Executor):
             self._close_if_finished()
         return withdrawn
 
-    def _stop_in_flight(self, keep_pending: bool) -> None:
+    def _stop_in_flight(self, keep_pending: bool) -> Tuple[int, int]:
+        """Stop the tasks in flight; how many were running, and how many of those that
+        had not started were cancelled (none where ``keep_pending``)."""
         # Tasks still waiting in the engine (its own queue, or no node can run them)
         # are pending, not running: take them back first, and (unless pending tasks are
         # cancelled too) hand them over again once the running ones are stopped.
         with self._lock:
             candidates = list(self._in_flight)
         spared = self._take_back(candidates) if self._can_withdraw else []
+        cancelled = 0
         if not keep_pending:
             for task in spared:
                 task.future._cancel_running()
                 task.release()
-            spared = []
+            cancelled, spared = len(spared), []
         with self._lock:
             victims = list(self._in_flight)
             self._in_flight.clear()
@@ -983,13 +993,16 @@ class ParallelExecutor(Executor):
                 unstarted = {id(token) for token in self._runner.stop(tokens) or ()}
             except Exception:  # the futures below are cancelled all the same: no caller waits forever
                 logger.exception("the engine failed to stop %d running task(s); they may run on", len(tokens))
+        stopped = len(victims)
         if unstarted:  # pending after all: cancelled or kept as pending tasks are
             pending = [task for task in victims if id(task.token) in unstarted]
             victims = [task for task in victims if id(task.token) not in unstarted]
+            stopped = len(victims)
             if keep_pending:
                 spared.extend(pending)
             else:
                 victims.extend(pending)
+                cancelled += len(pending)
         for task in victims:
             task.future._cancel_running()
             if not task.stop_pending:
@@ -1001,6 +1014,7 @@ class ParallelExecutor(Executor):
             if self._is_idle():
                 self._idle.notify_all()
         self._hand_over(ready)
+        return stopped, cancelled
 
 
 class _OptionsView:

@@ -290,8 +290,11 @@ def note_run(folder: str, i: int) -> int:
     return i
 
 
-def wait_or_exit(door: str, bomb: str, timeout: float = 60.0) -> str:
-    """Wait for ``door``; end the worker process at once if ``bomb`` appears first."""
+def wait_or_exit(door: str, bomb: str, timeout: float = 60.0, started: str = "") -> str:
+    """Wait for ``door``; end the worker process at once if ``bomb`` appears first.
+    ``started``: a file made when the task starts."""
+    if started:
+        Path(started).touch()
     end = time.time() + timeout
     while time.time() < end:
         if os.path.exists(bomb):

@@ -15,10 +15,12 @@ arguments, or behind a smaller executor's tasks.
 
 from __future__ import annotations
 
+import logging
 import pickle
 import subprocess
 import sys
 import threading
+import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator, List, Tuple
@@ -285,10 +287,12 @@ def test_after_a_crash_pending_still_lets_only_size_calls_wait_ahead(joblib_back
     runs.mkdir()
     executor = joblib_backend.executor(cancel_futures="PENDING")
     with executor:
-        doomed = [executor.submit(tasks.wait_or_exit, str(door), str(bomb), 120.0) for _ in range(2)]
+        started = [tmp_path / f"started{i}" for i in range(2)]
+        doomed = [executor.submit(tasks.wait_or_exit, str(door), str(bomb), 120.0, str(s)) for s in started]
         queued = [executor.submit(tasks.wait_for_file, str(later), 120.0, "later") for _ in range(2)]
         waiting = [executor.submit(tasks.note_run, str(runs), i) for i in range(20)]
         assert _held(joblib_backend) == 20
+        assert wait_until(lambda: all(s.exists() for s in started), 60)
         bomb.touch()  # both running tasks end their workers: the two queued ones run again
         assert all(isinstance(f.exception(timeout=60), WorkerCrashedError) for f in doomed)
         # The reruns and then two of the waiting tasks fill the new pool's 2 * size calls.
@@ -300,6 +304,25 @@ def test_after_a_crash_pending_still_lets_only_size_calls_wait_ahead(joblib_back
     assert len(kept) <= 2, f"{kept} were not cancelled: more than size calls waited ahead"
     ran = sorted(int(line) for record in runs.iterdir() for line in record.read_text().split())
     assert ran == [i for i in kept if waiting[i].result(timeout=0) == i], "a cancelled task ran, or one ran twice"
+
+
+def test_ctrl_c_in_a_pending_block_says_what_ran_and_what_never_started(
+    joblib_backend: BaseParallelBackend, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The pool holds what a ``PENDING`` executor handed over: on Ctrl-C the warning
+    counts as running only the tasks that ran, not every task handed over."""
+    beats = [tmp_path / f"beat{i}" for i in range(2)]
+    with caplog.at_level(logging.WARNING, logger="parallel_hydra.executor"):
+        with pytest.raises(KeyboardInterrupt):
+            with joblib_backend.executor(cancel_futures="PENDING") as executor:
+                running = [executor.submit(tasks.heartbeat, str(beat), 120.0) for beat in beats]
+                queued = [executor.submit(tasks.heartbeat, str(tmp_path / f"queued{i}"), 120.0) for i in range(2)]
+                held = [executor.submit(tasks.add, i, 1) for i in range(30)]
+                assert wait_until(lambda: all(beat.exists() for beat in beats), 60)
+                raise KeyboardInterrupt
+    assert all(f.cancelled() for f in running + queued + held)
+    assert "interrupted: stopped 2 running task(s) and cancelled 32 that had not started (policy ALL)" in caplog.text
+    assert not any((tmp_path / f"queued{i}").exists() for i in range(2)), "a task queued behind the running ones ran"
 
 
 def test_a_large_array_result_arrives_whole_and_writable(joblib_backend: BaseParallelBackend) -> None:
@@ -378,10 +401,23 @@ def test_a_crash_beside_a_worker_busy_with_batches_runs_no_task_twice(tmp_path: 
 
     try:
         waiting = [pool.start(tasks.wait_or_exit, (str(door), str(bomb)), {}, lambda ok, v: None, None, False) for _ in range(6)]
-        assert waiting
+        numbers = {task.call.number for task in waiting}
+
+        def arm() -> None:
+            # Only once all six wait (on a busy machine the pool's workers start late,
+            # and a waiting task started after the bomb, again and again on each new
+            # pool, would break the pool more times than tasks are run again).
+            def all_waiting() -> bool:
+                processes = list(getattr(pool._pool, "_processes", {}) or {})
+                return numbers <= set().union(set(), *(log.recently_started_by(pid) for pid in processes))
+
+            wait_until(all_waiting, 60)
+            time.sleep(0.2)  # batches on their way to the seventh worker
+            bomb.touch()
+
         pace = Pace()
         pace.note(1e-6, 10)  # known quick: batched from the start
-        threading.Timer(0.5, bomb.touch).start()
+        threading.Thread(target=arm, daemon=True).start()
         n = 20000
         for i in range(n):
             pool.start(tasks.note_run, (str(runs), i), {}, report(i), pace, True)
