@@ -377,6 +377,7 @@ class _LokyPool:
             else:
                 self._submit(task, resolved=True)
             return task
+        task.pace = None  # (a handle's value is not known here: it goes alone, whatever its size)
         waiting = _unready_handles(args, kwargs)
         if waiting:  # a handle argument is resolved when the task can start, not before
             _when_ready(waiting, lambda: self._submit_when_ready(task, hold))
@@ -401,7 +402,7 @@ class _LokyPool:
                 if self._calls_out >= self._depth:
                     return
         if closed:  # (its handles resolved after the backend shut down)
-            self._settle(task, False, RuntimeError("the joblib backend was shut down before the task could start"))
+            self._fail_shut_down([task])
         elif on_callback:
             self._wake_sender()
         else:
@@ -756,7 +757,11 @@ class _LokyPool:
                 task.pace, task.held, task.counted = None, True, False
                 task.pool = task.future = task.batch = None
                 self._held.appendleft(task)
-        for task in closed:
+        self._fail_shut_down(closed)
+
+    def _fail_shut_down(self, tasks: List[_LokyTask]) -> None:
+        """Fail tasks that can no longer start: the backend was shut down."""
+        for task in tasks:
             self._settle(task, False, RuntimeError("the joblib backend was shut down before the task could start"))
 
     def withdraw(self, tokens: List[Any]) -> List[bool]:
@@ -852,8 +857,7 @@ class _LokyPool:
         with self._counts:
             sender, self._sender = self._sender, None
         self._send_wanted.set()  # (it sees _closed and ends)
-        for task in held:  # (none where every executor was shut down first)
-            self._settle(task, False, RuntimeError("the joblib backend was shut down before the task could start"))
+        self._fail_shut_down(held)  # (none where every executor was shut down first)
         if pool is not None:
             pool.shutdown(wait=True)
         if sender is not None and sender is not threading.current_thread():
@@ -898,8 +902,7 @@ class _LokyRunner(TaskRunner):
 
     def start(self, fn: Callable[..., Any], args: Tuple[Any, ...], kwargs: Dict[str, Any], options: Mapping[str, Any], on_done: DoneCallback) -> Any:
         pace = None
-        # (A handle's value is not known here: such a task goes alone, whatever its size.)
-        if self._holds and not _has_handles(args, kwargs) and light(args, kwargs):
+        if self._holds and light(args, kwargs):
             work = work_of(fn)
             pace = self._paces.get(work)
             if pace is None:
